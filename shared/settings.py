@@ -1,0 +1,88 @@
+"""One settings object per process, read from the environment names of DESIGN.md."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+# Values people leave in .env files that must never be taken for a real secret.
+_PLACEHOLDERS = ("changeme", "change-me", "change_me", "placeholder", "your-", "your_", "todo")
+_PLACEHOLDER_EXACT = {"", "xxx", "secret", "password", "sk_test_xxx", "sk_live_xxx", "whsec_xxx"}
+
+SECRETS = (
+    "STRIPE_SECRET_KEY",
+    "STRIPE_WEBHOOK_SECRET",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "SUPABASE_JWT_SECRET",
+    "DATABASE_URL",
+)
+
+
+def is_placeholder(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _PLACEHOLDER_EXACT or (lowered.startswith("<") and lowered.endswith(">")):
+        return True
+    return any(marker in lowered for marker in _PLACEHOLDERS) or set(lowered) <= {"x", "*", "."}
+
+
+class Settings(BaseSettings):
+    """Configuration; secrets have no defaults and are checked by `require`."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=True)
+
+    DATABASE_URL: str | None = None
+    SUPABASE_URL: str | None = None
+    SUPABASE_SERVICE_ROLE_KEY: str | None = Field(default=None, repr=False)
+    SUPABASE_JWT_SECRET: str | None = Field(default=None, repr=False)
+    SUPABASE_JWKS_URL: str | None = None
+    STRIPE_SECRET_KEY: str | None = Field(default=None, repr=False)
+    STRIPE_WEBHOOK_SECRET: str | None = Field(default=None, repr=False)
+    STRIPE_API_BASE: str | None = None
+    STRIPE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=80)
+    STRIPE_MAX_NETWORK_RETRIES: int = Field(default=1, ge=0, le=5)
+    STRIPE_METER_EVENT_NAME: str = "voice_call_minutes"
+    STRIPE_SETUP_FEE_PRICE_ID: str | None = None
+    WEBSITE_URL: str | None = None
+    DATABASE_POOL_SIZE: int = Field(default=10, ge=1, le=100)
+
+    def require(self, *names: str) -> Settings:
+        """Stop start-up with a message naming the first missing or placeholder variable."""
+        for name in names:
+            value = getattr(self, name)
+            if value is None or (isinstance(value, str) and is_placeholder(value)):
+                state = "is not set" if value is None else "is a placeholder"
+                raise ConfigError(f"{name} {state}; set it in the environment before starting.")
+        return self
+
+    def require_database(self) -> Settings:
+        """DATABASE_URL, or SUPABASE_URL with SUPABASE_SERVICE_ROLE_KEY for the REST transport."""
+        if self.DATABASE_URL is not None:
+            return self.require("DATABASE_URL")
+        if self.SUPABASE_URL is None:
+            raise ConfigError(
+                "DATABASE_URL is not set (nor SUPABASE_URL with SUPABASE_SERVICE_ROLE_KEY)."
+            )
+        return self.require("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")
+
+    @property
+    def jwks_url(self) -> str | None:
+        if self.SUPABASE_JWKS_URL:
+            return self.SUPABASE_JWKS_URL
+        if self.SUPABASE_URL:
+            return self.SUPABASE_URL.rstrip("/") + "/auth/v1/.well-known/jwks.json"
+        return None
+
+    @property
+    def webhook_secrets(self) -> list[str]:
+        raw = self.STRIPE_WEBHOOK_SECRET or ""
+        return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,77 @@
+"""The Stripe client (pinned API version, explicit retries and timeout) and the one Stripe error map."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import stripe
+
+from shared.errors import Unavailable, UpstreamError
+from shared.settings import Settings
+
+log = logging.getLogger("metered_billing")
+
+# The API version stripe-python 16 pins ("2026-10-28.endive"); webhook endpoints use the same.
+API_VERSION: str = stripe.api_version
+
+T = TypeVar("T")
+
+
+def make_stripe_client(
+    settings: Settings, http_client: stripe.HTTPClient | None = None
+) -> stripe.StripeClient:
+    """A StripeClient over httpx (visible to respx), honouring STRIPE_API_BASE and the timeout."""
+    settings.require("STRIPE_SECRET_KEY")
+    assert settings.STRIPE_SECRET_KEY is not None
+    base = {"api": settings.STRIPE_API_BASE.rstrip("/")} if settings.STRIPE_API_BASE else None
+    return stripe.StripeClient(
+        settings.STRIPE_SECRET_KEY,
+        stripe_version=API_VERSION,
+        max_network_retries=settings.STRIPE_MAX_NETWORK_RETRIES,
+        http_client=http_client
+        or stripe.HTTPXClient(timeout=settings.STRIPE_TIMEOUT_SECONDS, allow_sync_methods=True),
+        base_addresses=base,  # type: ignore[arg-type]
+    )
+
+
+def is_retriable(error: stripe.StripeError) -> bool:
+    """Network failures, rate limits and Stripe's own 5xx: the same request may succeed later."""
+    if isinstance(error, stripe.APIConnectionError | stripe.RateLimitError):
+        return True
+    status = error.http_status or 0
+    return status >= 500 or status == 429 or (error.code == "lock_timeout")
+
+
+def describe(error: stripe.StripeError) -> str:
+    """A short account of a Stripe error for our own logs and rows (never shown to browsers)."""
+    status = error.http_status or "no response"
+    return f"{type(error).__name__} ({status}, {error.code or '-'}): {error.user_message or error}"[
+        :500
+    ]
+
+
+@contextmanager
+def stripe_errors() -> Iterator[None]:
+    """Turn Stripe errors into ours: retriable -> 503, refused -> 502; details only in the log."""
+    try:
+        yield
+    except stripe.StripeError as error:
+        log.warning("stripe request failed: %s", describe(error))
+        if is_retriable(error):
+            raise Unavailable(
+                "The payment provider is unavailable; try again in a moment.",
+                code="stripe_unavailable",
+            ) from error
+        raise UpstreamError(
+            "The payment provider refused the request; nothing was charged.",
+            code="stripe_error",
+        ) from error
+
+
+def call_stripe(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call one Stripe method with `stripe_errors` mapping."""
+    with stripe_errors():
+        return fn(*args, **kwargs)
