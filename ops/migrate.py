@@ -43,7 +43,11 @@ def dbmate_url(database_url: str) -> str:
     dbname = quote(str(parts.pop("dbname", "postgres")), safe="")
     if port and not host:
         query["port"] = str(port)
-    query["sslmode"] = str(parts.pop("sslmode", "disable" if not host or host in {"localhost", "127.0.0.1"} else "require"))
+    query["sslmode"] = str(
+        parts.pop(
+            "sslmode", "disable" if not host or host in {"localhost", "127.0.0.1"} else "require"
+        )
+    )
     return f"postgres://{netloc}/{dbname}?{urlencode(query)}"
 
 
@@ -57,7 +61,9 @@ def dbmate_binary() -> str:
 
 def needs_compat(database_url: str) -> bool:
     with psycopg.connect(database_url) as conn:
-        row = conn.execute("select exists (select 1 from pg_namespace where nspname = 'auth')").fetchone()
+        row = conn.execute(
+            "select exists (select 1 from pg_namespace where nspname = 'auth')"
+        ).fetchone()
     return not (row and row[0])
 
 
@@ -65,7 +71,9 @@ def migrate(database_url: str, *, dry_run: bool = False) -> None:
     """Bootstrap plain Postgres when needed, then apply pending migrations and print them."""
     if needs_compat(database_url):
         if dry_run:
-            print("would apply the Supabase compatibility bootstrap (no auth schema: plain Postgres)")
+            print(
+                "would apply the Supabase compatibility bootstrap (no auth schema: plain Postgres)"
+            )
         else:
             with psycopg.connect(database_url) as conn:
                 conn.execute(COMPAT.read_text())  # one transaction: commits on leaving the block
@@ -73,8 +81,10 @@ def migrate(database_url: str, *, dry_run: bool = False) -> None:
     command = [
         dbmate_binary(),
         "--no-dump-schema",
-        "--migrations-dir", str(MIGRATIONS),
-        "--migrations-table", LEDGER,
+        "--migrations-dir",
+        str(MIGRATIONS),
+        "--migrations-table",
+        LEDGER,
         "status" if dry_run else "up",
     ]
     env = {**os.environ, "DATABASE_URL": dbmate_url(database_url)}

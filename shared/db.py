@@ -138,7 +138,9 @@ def get_database(settings: Settings) -> Database:
     if _database is None:
         settings.require_database()
         if settings.DATABASE_URL:
-            _database = PostgresDatabase(settings.DATABASE_URL, max_size=settings.DATABASE_POOL_SIZE)
+            _database = PostgresDatabase(
+                settings.DATABASE_URL, max_size=settings.DATABASE_POOL_SIZE
+            )
         else:
             assert settings.SUPABASE_URL and settings.SUPABASE_SERVICE_ROLE_KEY
             _database = SupabaseDatabase(settings.SUPABASE_URL, settings.SUPABASE_SERVICE_ROLE_KEY)

@@ -69,7 +69,7 @@ def create_database(server_url: str) -> str:
 def database_url(pg_server_url: str) -> str:
     """One migrated database for the whole session; tests make their own rows with fresh ids."""
     url = create_database(pg_server_url)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
         migrate(url)
     return url
 

@@ -1,0 +1,96 @@
+"""Settings fail fast; the one error boundary turns every failure into the JSON error shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import flask
+import pytest
+from pydantic import BaseModel, Field
+
+from shared.errors import ConfigError, Conflict
+from shared.http import endpoint, parse_body
+from shared.settings import Settings
+
+
+@pytest.mark.parametrize(
+    "value", [None, "", "changeme", "sk_test_xxx", "<your key>", "your-secret"]
+)
+def test_missing_or_placeholder_secret_names_the_variable(value):
+    settings = Settings(STRIPE_SECRET_KEY=value)
+    with pytest.raises(ConfigError, match="STRIPE_SECRET_KEY"):
+        settings.require("STRIPE_SECRET_KEY")
+
+
+def test_real_values_pass_and_secrets_stay_out_of_repr():
+    settings = Settings(
+        STRIPE_SECRET_KEY="sk_test_51Habc", STRIPE_WEBHOOK_SECRET="whsec_1, whsec_2"
+    )
+    assert settings.require("STRIPE_SECRET_KEY") is settings
+    assert settings.webhook_secrets == ["whsec_1", "whsec_2"]
+    assert "sk_test_51Habc" not in repr(settings)
+
+
+def test_database_requires_one_transport():
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        Settings().require_database()
+    with pytest.raises(ConfigError, match="SUPABASE_SERVICE_ROLE_KEY"):
+        Settings(SUPABASE_URL="https://x.supabase.co").require_database()
+
+
+class Body(BaseModel):
+    minutes: float = Field(ge=0, allow_inf_nan=False)
+
+
+@endpoint(methods=("POST",))
+def sample(request: flask.Request) -> flask.Response:
+    body = parse_body(request, Body)
+    if body.minutes == 7:
+        raise Conflict("Seven is taken.", code="already_taken")
+    if body.minutes == 13:
+        raise RuntimeError("secret internals sk_live_123")
+    return flask.jsonify(ok=True)
+
+
+def call(method="POST", data=b"{}"):
+    app = flask.Flask(__name__)
+    with app.test_request_context("/", method=method, data=data):
+        return sample(flask.request)
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "status", "code"),
+    [
+        ("GET", b"", 405, "method_not_allowed"),
+        ("POST", b"{not json", 400, "invalid_json"),
+        ("POST", b"[1]", 422, "validation_error"),
+        ("POST", b'{"minutes": -1}', 422, "validation_error"),
+        ("POST", b'{"minutes": NaN}', 422, "validation_error"),
+        ("POST", b'{"minutes": 1e999}', 422, "validation_error"),
+        ("POST", b'{"minutes": 7}', 409, "already_taken"),
+        ("POST", b"x" * 70_000, 413, "payload_too_large"),
+    ],
+)
+def test_errors_have_one_shape(method, data, status, code):
+    response = call(method, data)
+    assert response.status_code == status
+    body = json.loads(response.get_data())
+    assert body["error"]["code"] == code and body["error"]["message"]
+
+
+def test_validation_error_names_the_field():
+    body = json.loads(call(data=b'{"minutes": -1}').get_data())
+    assert body["error"]["field"] == "minutes"
+    assert "minutes" in body["error"]["message"]
+
+
+def test_unexpected_error_is_a_500_with_a_request_id_logged_once(caplog):
+    with caplog.at_level(logging.ERROR):
+        response = call(data=b'{"minutes": 13}')
+    body = json.loads(response.get_data())
+    assert response.status_code == 500
+    assert body["error"]["code"] == "internal_error"
+    assert "sk_live_123" not in response.get_data(as_text=True)
+    assert len(caplog.records) == 1
+    assert body["error"]["request_id"] in caplog.records[0].getMessage()
