@@ -4,7 +4,13 @@
 #   ./deploy.sh local            everything on this machine, no cloud account needed
 #   ./deploy.sh test             lint, types, migrations lint and the whole test suite
 #   ./deploy.sh migrate          apply pending SQL migrations to $DATABASE_URL
+#   ./deploy.sh stripe-catalog   meter, products, prices from plans.toml; ids into billing_plans
+#   ./deploy.sh webhook          the Stripe webhook endpoint ($WEBHOOK_URL) for the handled events
+#   ./deploy.sh functions        each function to Cloud Run functions ($GCP_PROJECT, gcloud)
+#   ./deploy.sh all              migrate, stripe-catalog, functions, webhook
 #   ./deploy.sh flush-usage      deliver pending meter events to Stripe (schedule it)
+#   ./deploy.sh repair-events    re-process failed Stripe events from the ledger
+#   ./deploy.sh resync [sub_...] re-sync one subscription, or all, from Stripe
 #   ./deploy.sh help             this text
 #
 # Options: --dry-run prints what would be done without doing it.
@@ -19,7 +25,7 @@ DRY_RUN=0
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'deploy.sh: %s\n' "$*" >&2; exit 2; }
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 find_python() {
   local candidate
@@ -68,9 +74,55 @@ cmd_test() {
 }
 
 cmd_migrate() {
-  ensure_venv
   require_env DATABASE_URL
+  ensure_venv
   if [ "$DRY_RUN" = 1 ]; then "$PY" -m ops.migrate --dry-run; else "$PY" -m ops.migrate; fi
+}
+
+cmd_catalog() {
+  [ "$DRY_RUN" = 1 ] || require_env STRIPE_SECRET_KEY DATABASE_URL
+  ensure_venv
+  "$PY" -m ops.catalog $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
+}
+
+webhook_url() {
+  if [ -n "${WEBHOOK_URL:-}" ]; then echo "$WEBHOOK_URL"; return; fi
+  [ -n "${GCP_PROJECT:-}" ] || die "WEBHOOK_URL is not set (nor GCP_PROJECT to derive it from)."
+  echo "https://${GCP_REGION:-europe-west1}-${GCP_PROJECT}.cloudfunctions.net/stripe-webhook-handler"
+}
+
+cmd_webhook() {
+  local url
+  url="$(webhook_url)"
+  [ "$DRY_RUN" = 1 ] || require_env STRIPE_SECRET_KEY
+  ensure_venv
+  "$PY" -m ops.webhook --url "$url" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
+}
+
+cmd_functions() {
+  require_env GCP_PROJECT
+  [ "$DRY_RUN" = 1 ] || command -v "${GCLOUD:-gcloud}" >/dev/null 2>&1 ||
+    die "gcloud is not installed or not on PATH: https://cloud.google.com/sdk/docs/install"
+  ensure_venv
+  "$PY" -m ops.cloud_functions $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
+}
+
+cmd_all() {
+  # Check everything first: stop before doing anything when a tool or variable is missing.
+  require_env DATABASE_URL STRIPE_SECRET_KEY GCP_PROJECT
+  [ "$DRY_RUN" = 1 ] || command -v "${GCLOUD:-gcloud}" >/dev/null 2>&1 ||
+    die "gcloud is not installed or not on PATH: https://cloud.google.com/sdk/docs/install"
+  webhook_url >/dev/null
+  cmd_migrate
+  cmd_catalog
+  cmd_functions
+  cmd_webhook
+}
+
+cmd_python() {
+  require_env DATABASE_URL STRIPE_SECRET_KEY
+  ensure_venv
+  "$PY" -m "$@" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
 }
 
 main() {
@@ -83,6 +135,16 @@ main() {
   case "$command" in
     test) cmd_test "${args[@]+"${args[@]}"}" ;;
     migrate) cmd_migrate ;;
+    stripe-catalog) cmd_catalog ;;
+    webhook) cmd_webhook ;;
+    functions) cmd_functions ;;
+    all) cmd_all ;;
+    flush-usage) cmd_python ops.flush_usage "${args[@]+"${args[@]}"}" ;;
+    repair-events) cmd_python ops.repair failed-events ;;
+    resync)
+      if [ ${#args[@]} -gt 0 ]; then cmd_python ops.repair resync --subscription "${args[0]}"
+      else cmd_python ops.repair resync --all; fi ;;
+    local) ensure_venv; exec "$PY" -m devtools.local "${args[@]+"${args[@]}"}" ;;
     help|-h|--help) usage ;;
     *) usage >&2; die "unknown command: $command" ;;
   esac
