@@ -1,0 +1,335 @@
+"""`./deploy.sh local`: the whole billing system on this machine, no cloud account needed.
+
+Starts an embedded Postgres (data kept in .local/pgdata between runs), migrates it, starts the
+Stripe stand-in (or uses real Stripe test mode when STRIPE_SECRET_KEY is set), syncs the demo
+catalogue from plans.toml into it and into billing_plans, creates a demo organisation and its
+owner, serves the functions on 127.0.0.1 and prints copy-paste curl lines for the whole flow.
+Ctrl-C stops everything it started. Local development only: secrets here are generated per
+machine in .local/secrets.json and are not for production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from jose import jwt
+
+from ops.catalog import ROOT, load_plans, sync_catalog
+from ops.migrate import migrate
+from shared.settings import Settings
+
+DEMO_OWNER_ID = "00000000-0000-4000-8000-00000000d3e0"
+DEMO_OWNER_EMAIL = "owner@demo.example"
+DEMO_ORG_ID = "00000000-0000-4000-8000-0000000000d0"
+
+# function directory -> (entry point, port offset)
+FUNCTIONS = {
+    "create-checkout-session": ("create_checkout_session", 1),
+    "stripe-webhook-handler": ("stripe_webhook_handler", 2),
+    "report-usage": ("report_usage", 3),
+    "create-portal-session": ("create_portal_session", 4),
+}
+
+
+def local_secrets(data: Path) -> dict[str, str]:
+    """Per-machine local secrets, generated once and kept in .local/secrets.json (mode 600)."""
+    path = data / "secrets.json"
+    if path.exists():
+        stored: dict[str, str] = json.loads(path.read_text())
+        return stored
+    values = {
+        "jwt_secret": secrets.token_urlsafe(48),
+        "service_key": "sb_secret_local_" + secrets.token_urlsafe(24),
+        "webhook_secret": "whsec_local" + secrets.token_hex(16),
+    }
+    path.write_text(json.dumps(values, indent=2))
+    path.chmod(0o600)
+    return values
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not port_free(port):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def seed_demo_organisation(database_url: str) -> None:
+    """The demo owner (auth.users) and organisation, created once."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "insert into auth.users (id, email) values (%s, %s) on conflict (id) do nothing",
+            (DEMO_OWNER_ID, DEMO_OWNER_EMAIL),
+        )
+        conn.execute(
+            "insert into public.organisations (id, name, owner_id) values (%s, %s, %s)"
+            " on conflict (id) do nothing",
+            (DEMO_ORG_ID, "Demo Voice Co", DEMO_OWNER_ID),
+        )
+        conn.execute(
+            "insert into public.organisation_members (organisation_id, user_id, role)"
+            " values (%s, %s, 'owner') on conflict do nothing",
+            (DEMO_ORG_ID, DEMO_OWNER_ID),
+        )
+
+
+def owner_token(jwt_secret: str, hours: int = 24) -> str:
+    now = int(time.time())
+    claims = {
+        "sub": DEMO_OWNER_ID,
+        "email": DEMO_OWNER_EMAIL,
+        "aud": "authenticated",
+        "role": "authenticated",
+        "iat": now,
+        "exp": now + hours * 3600,
+    }
+    return str(jwt.encode(claims, jwt_secret, algorithm="HS256"))
+
+
+@dataclass
+class Stack:
+    """Everything `local` runs; also what the end-to-end test drives."""
+
+    data: Path
+    port_base: int = 8080
+    stripe_port: int = 12111
+    env: dict[str, str] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
+    stripe_base: str | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _stops: list[Any] = field(default_factory=list)
+
+    def start(self, *, real_stripe_key: str | None = None) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        keys = local_secrets(self.data)
+        ports = [self.port_base + offset for _, offset in FUNCTIONS.values()]
+        if not real_stripe_key:
+            ports.append(self.stripe_port)
+        busy = [port for port in ports if not port_free(port)]
+        if busy:
+            raise SystemExit(
+                f"ports {busy} on 127.0.0.1 are in use: stop what runs there or pick"
+                " --port-base / --stripe-port"
+            )
+        database_url = self._start_postgres()
+        webhook_url = f"http://127.0.0.1:{self.port_base + 2}/"
+        self.env = {
+            "DATABASE_URL": database_url,
+            "SUPABASE_URL": "http://127.0.0.1:54321",  # not contacted: HS256 tokens locally
+            "SUPABASE_JWT_SECRET": keys["jwt_secret"],
+            "SUPABASE_SERVICE_ROLE_KEY": keys["service_key"],
+            "WEBSITE_URL": "http://localhost:3000",
+            "STRIPE_TIMEOUT_SECONDS": "10",
+        }
+        if real_stripe_key:
+            webhook_secret = os.environ.get("STRIPE_WEBHOOK_SECRET")
+            if not webhook_secret:
+                raise SystemExit(
+                    "STRIPE_WEBHOOK_SECRET is not set: run `stripe listen --print-secret` and"
+                    f" export it, then keep `stripe listen --forward-to {webhook_url}` running."
+                )
+            self.env.update(STRIPE_SECRET_KEY=real_stripe_key, STRIPE_WEBHOOK_SECRET=webhook_secret)
+        else:
+            self.stripe_base = self._start_standin(webhook_url, keys["webhook_secret"])
+            self.env.update(
+                STRIPE_SECRET_KEY="sk_test_local_standin",  # noqa: S106 (stand-in takes any sk_test_)
+                STRIPE_WEBHOOK_SECRET=keys["webhook_secret"],
+                STRIPE_API_BASE=self.stripe_base,
+            )
+        ids = sync_catalog(Settings(**self.env), load_plans(ROOT / "plans.toml"), dry_run=False)
+        if "mb_setup_fee" in ids:
+            self.env["STRIPE_SETUP_FEE_PRICE_ID"] = ids["mb_setup_fee"]
+        seed_demo_organisation(database_url)
+        self._start_functions()
+
+    def _start_postgres(self) -> str:
+        import pgserver
+
+        server = pgserver.get_server(self.data / "pgdata", cleanup_mode="stop")
+        self._stops.append(server.cleanup)
+        url = server.get_uri()
+        migrate(url)
+        return url
+
+    def _start_standin(self, webhook_url: str, webhook_secret: str) -> str:
+        from werkzeug.serving import make_server
+
+        from devtools.stripe_standin import create_app
+
+        app = create_app(webhook_url, webhook_secret)
+        server = make_server("127.0.0.1", self.stripe_port, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, name="stripe-standin", daemon=True)
+        thread.start()
+        self._stops.append(server.shutdown)
+        return f"http://127.0.0.1:{self.stripe_port}"
+
+    def _start_functions(self) -> None:
+        binary = Path(sys.executable).with_name("functions-framework")
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
+        for name, (target, offset) in FUNCTIONS.items():
+            port = self.port_base + offset
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        str(binary),
+                        "--source",
+                        str(ROOT / "functions" / name / "main.py"),
+                        "--target",
+                        target,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ],
+                    env=env,
+                    cwd=ROOT,
+                )
+            )
+            self.urls[name] = f"http://127.0.0.1:{port}/"
+        for name, url in self.urls.items():
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            wait_for_port(port)
+            if any(process.poll() is not None for process in self.processes):
+                raise RuntimeError(f"{name} did not start; see its output above")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            if process.poll() is None:
+                process.kill()
+        for stop in reversed(self._stops):
+            with contextlib.suppress(Exception):
+                stop()
+
+
+@contextlib.contextmanager
+def running(data: Path, **options: Any) -> Iterator[Stack]:
+    stack = Stack(data=data, **options)
+    try:
+        stack.start(real_stripe_key=None)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def starter_plan_id(database_url: str) -> str:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "select id from public.billing_plans where active order by sort_order limit 1"
+        ).fetchone()
+    return str(row[0]) if row else "<no plan: run ./deploy.sh stripe-catalog>"
+
+
+def print_guide(stack: Stack) -> None:
+    keys = local_secrets(stack.data)
+    token = owner_token(keys["jwt_secret"])
+    plan = starter_plan_id(stack.env["DATABASE_URL"])
+    checkout, webhook, usage, portal = (stack.urls[name] for name in FUNCTIONS)
+    standin = stack.stripe_base
+    call = str(uuid.uuid4())[:8]
+    print(f"""
+metered-billing is running locally. Ctrl-C stops everything.
+
+  create-checkout-session  {checkout}
+  stripe-webhook-handler   {webhook}
+  report-usage             {usage}
+  create-portal-session    {portal}
+  Stripe                   {standin or "real Stripe (test mode)"}
+  Postgres                 {stack.env["DATABASE_URL"]}
+
+Demo owner token (24 h):  export TOKEN={token}
+Service key:              export SERVICE_KEY={keys["service_key"]}
+Demo organisation:        {DEMO_ORG_ID}
+Starter plan:             {plan}
+
+# 1. the owner buys the Starter plan (monthly)
+curl -s -X POST {checkout} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+  -d '{{"plan_id": "{plan}", "billing_period": "monthly"}}'
+""")
+    if standin:
+        print(f"""# 2. the customer pays (the stand-in plays Stripe and sends the signed webhooks)
+export SESSION=cs_...   # session_id from step 1
+curl -s -X POST {standin}/_standin/checkout_sessions/$SESSION/complete
+""")
+    else:
+        print(f"""# 2. forward Stripe's events here (keep it running), then pay at checkout_url
+stripe listen --forward-to {webhook}
+""")
+    print(f"""# 3. the voice agent checks the balance, then reports a 12-minute call, then a long one
+curl -s "{usage}?org_id={DEMO_ORG_ID}" -H "Authorization: Bearer $SERVICE_KEY"
+curl -s -X POST {usage} -H "Authorization: Bearer $SERVICE_KEY" -H 'Content-Type: application/json' \\
+  -d '{{"org_id": "{DEMO_ORG_ID}", "call_id": "call-{call}-1", "call_duration_seconds": 700}}'
+curl -s -X POST {usage} -H "Authorization: Bearer $SERVICE_KEY" -H 'Content-Type: application/json' \\
+  -d '{{"org_id": "{DEMO_ORG_ID}", "call_id": "call-{call}-2", "call_duration_seconds": 36000}}'
+# (repeat any report: same answer, "duplicate": true, nothing counted twice)
+
+# 4. the owner opens the billing portal
+curl -s -X POST {portal} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{{}}'
+""")
+    if standin:
+        print(f"""# 5. renewal (overage invoiced), a failed payment, recovery, cancellation
+export SUB=sub_...      # from step 2's answer
+curl -s -X POST {standin}/_standin/subscriptions/$SUB/advance
+curl -s -X POST {standin}/_standin/subscriptions/$SUB/advance -H 'Content-Type: application/json' -d '{{"fail": true}}'
+curl -s -X POST {standin}/_standin/invoices/$INVOICE/pay      # INVOICE from the failed advance
+curl -s -X POST {standin}/_standin/subscriptions/$SUB/cancel
+curl -s {standin}/_standin/state | python3 -m json.tool | less   # Stripe's side: invoices, meter events
+
+# the rows (what the dashboard reads under RLS)
+psql "{stack.env["DATABASE_URL"]}" -c 'table subscriptions' -c 'table billing_cycles'
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / ".local")
+    parser.add_argument("--port-base", type=int, default=8080)
+    parser.add_argument("--stripe-port", type=int, default=12111)
+    args = parser.parse_args()
+    real_key = os.environ.get("STRIPE_SECRET_KEY")
+    if real_key and not real_key.startswith("sk_test_"):
+        raise SystemExit("STRIPE_SECRET_KEY must be a test-mode key (sk_test_...) for local runs.")
+    stack = Stack(data=args.data, port_base=args.port_base, stripe_port=args.stripe_port)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        stack.start(real_stripe_key=real_key)
+        print_guide(stack)
+        while not stopping.is_set() and all(p.poll() is None for p in stack.processes):
+            stopping.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping ...", flush=True)
+        stack.stop()
+        print("stopped: functions, Stripe stand-in and Postgres (data kept in .local/)")
+
+
+if __name__ == "__main__":
+    main()
