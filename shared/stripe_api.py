@@ -38,11 +38,12 @@ def make_stripe_client(
 
 
 def is_retriable(error: stripe.StripeError) -> bool:
-    """Network failures, rate limits and Stripe's own 5xx: the same request may succeed later."""
+    """Network failures, rate limits, conflicts and Stripe's 5xx: the same request may succeed later."""
     if isinstance(error, stripe.APIConnectionError | stripe.RateLimitError):
         return True
+    # 409: another request with the same idempotency key is still in flight (a double click).
     status = error.http_status or 0
-    return status >= 500 or status == 429 or (error.code == "lock_timeout")
+    return status >= 500 or status in (409, 429) or error.code == "lock_timeout"
 
 
 def describe(error: stripe.StripeError) -> str:
