@@ -438,7 +438,9 @@ def create_price(call: Call, price_id: str | None = None) -> Json:
             raise StripeError(400, "Invalid recurring[usage_type]", param="recurring[usage_type]")
         if recurring["usage_type"] == "metered":  # since API "basil" a meter is required
             st.get("billing.meter", required(given, "meter", "recurring"), "recurring[meter]")
-    amount = as_int(p, "unit_amount", required=True)
+    scheme = p.get("billing_scheme", "per_unit")
+    tiers = price_tiers(p) if scheme == "tiered" else None
+    amount = None if tiers else as_int(p, "unit_amount", required=True)
     price = fixture(
         "price",
         id=price_id or new_id("price"),
@@ -446,17 +448,72 @@ def create_price(call: Call, price_id: str | None = None) -> Json:
         currency=required(p, "currency").lower(),
         product=p["product"],
         unit_amount=amount,
-        unit_amount_decimal=str(amount),
+        unit_amount_decimal=None if amount is None else str(amount),
         recurring=recurring,
         type="recurring" if recurring else "one_time",
-        billing_scheme=p.get("billing_scheme", "per_unit"),
+        billing_scheme=scheme,
+        tiers_mode=p.get("tiers_mode") if tiers else None,
+        tiers=tiers,  # Stripe returns tiers only when expanded; here always (a superset)
         tax_behavior=p.get("tax_behavior", "unspecified"),
         metadata={},
         unset="lookup_key custom_unit_amount transform_quantity",
     )
-    update_fields(price, p)
+    update_fields(price, {k: v for k, v in p.items() if k not in ("tiers", "tiers_mode")})
     set_lookup_key(st, price, p)  # last: it may move the key away from another price
     return st.put(price)
+
+
+def price_tiers(p: Json) -> list[Json]:
+    """Graduated tiers (`tiers[i][up_to]`, `[unit_amount]`, `[flat_amount]`); the last up to inf."""
+    if p.get("tiers_mode") not in ("graduated", "volume"):
+        raise StripeError(400, "Missing required param: tiers_mode.", param="tiers_mode")
+    if "unit_amount" in p:
+        message = "You may only specify one of these parameters: unit_amount, tiers."
+        raise StripeError(400, message, param="unit_amount")
+    given = p.get("tiers")
+    if not isinstance(given, list) or not given:
+        raise StripeError(400, "Missing required param: tiers.", param="tiers")
+    tiers = []
+    for i, tier in enumerate(given):
+        up_to = tier.get("up_to")
+        last = i == len(given) - 1
+        if (up_to == "inf") != last:
+            raise StripeError(
+                400, "Only the last tier may be up to inf.", param=f"tiers[{i}][up_to]"
+            )
+        unit = as_int(tier, "unit_amount") or 0
+        tiers.append(
+            {
+                "up_to": None if last else int(up_to),
+                "unit_amount": unit,
+                "unit_amount_decimal": str(unit),
+                "flat_amount": as_int(tier, "flat_amount"),
+                "flat_amount_decimal": None,
+            }
+        )
+    return tiers
+
+
+def price_amount(price: Json, quantity: int) -> int:
+    """What `quantity` units cost: per unit, or through graduated/volume tiers."""
+    if not price.get("tiers"):
+        return int(price["unit_amount"]) * quantity
+    total, floor = 0, 0
+    for tier in price["tiers"]:
+        ceiling = tier["up_to"] if tier["up_to"] is not None else max(quantity, floor)
+        if price["tiers_mode"] == "volume":
+            if quantity <= ceiling:
+                return tier["unit_amount"] * quantity + (tier["flat_amount"] or 0)
+            continue
+        in_tier = max(0, min(quantity, ceiling) - floor)
+        if in_tier or (tier["flat_amount"] and quantity > floor):
+            total += tier["unit_amount"] * in_tier + (tier["flat_amount"] or 0)
+        floor = ceiling
+    return total
+
+
+def get_price(call: Call, object_id: str) -> Json:
+    return call.state.get("price", object_id, status=404)
 
 
 def update_price(call: Call, object_id: str) -> Json:
@@ -758,7 +815,7 @@ def invoice_line(invoice_id: str, sub: Json, price: Json, **how: Any) -> Json:
     else:
         details.update(invoice_item=new_id("ii"))
         parent = {"type": "invoice_item_details", "invoice_item_details": details}
-    amount = price["unit_amount"] * quantity
+    amount = price_amount(price, quantity)
     return fixture(
         "line_item",
         id=new_id("il"),
@@ -1165,6 +1222,7 @@ ROUTES = Map(
         api("GET", "/v1/products" + ID, get_product),
         api("POST", "/v1/products", create_product, "id name description active metadata[*]"),
         api("POST", "/v1/products" + ID, update_product, "name description active metadata[*]"),
+        api("GET", "/v1/prices" + ID, get_price),
         api("GET", "/v1/prices", list_prices, "lookup_keys[] active product type currency limit"),
         api(
             "POST",
@@ -1172,7 +1230,8 @@ ROUTES = Map(
             create_price,
             "currency unit_amount product lookup_key transfer_lookup_key nickname metadata[*]"
             " recurring[interval] recurring[interval_count] recurring[usage_type]"
-            " recurring[meter] billing_scheme tax_behavior",
+            " recurring[meter] billing_scheme tax_behavior tiers_mode tiers[][up_to]"
+            " tiers[][unit_amount] tiers[][flat_amount]",
         ),
         api(
             "POST",

@@ -9,6 +9,8 @@ whose amount or interval changed is replaced by a new one that takes over the lo
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -63,11 +65,22 @@ def wanted_prices(catalog: dict[str, Any], meter_id: str) -> list[dict[str, Any]
                 )
             )
         metered = {"interval": "month", "usage_type": "metered", "meter": meter_id}
-        prices.append(
-            price(
-                f"mb_{plan['key']}_metered", product, currency, plan["overage_rate_cents"], metered
-            )
+        usage = price(
+            f"mb_{plan['key']}_metered", product, currency, plan["overage_rate_cents"], metered
         )
+        if plan["included_minutes"] > 0:
+            # Every billed minute goes to the meter and the included ones cost nothing: graduated
+            # tiers, so Stripe's invoice and our cycle's overage agree to the cent.
+            rate = usage.pop("unit_amount")
+            usage.update(
+                billing_scheme="tiered",
+                tiers_mode="graduated",
+                tiers=[
+                    {"up_to": plan["included_minutes"], "unit_amount": 0},
+                    {"up_to": "inf", "unit_amount": rate},
+                ],
+            )
+        prices.append(usage)
     if catalog.get("setup_fee_cents"):
         prices.append(
             price(SETUP_FEE_KEY, SETUP_FEE_KEY, currency, catalog["setup_fee_cents"], None)
@@ -90,10 +103,21 @@ def price(
     return params
 
 
+def tiers_of(found: Any) -> list[tuple[int | None, int]]:
+    tiers = found.tiers if "tiers" in found else None
+    return [(tier.up_to, tier.unit_amount or 0) for tier in (tiers or [])]
+
+
 def same_price(found: Any, want: dict[str, Any]) -> bool:
     recurring = want.get("recurring")
     have = found.recurring
-    if found.unit_amount != want["unit_amount"] or found.currency != want["currency"]:
+    if found.currency != want["currency"] or found.unit_amount != want.get("unit_amount"):
+        return False
+    wanted_tiers = [
+        (None if tier["up_to"] == "inf" else tier["up_to"], tier["unit_amount"])
+        for tier in want.get("tiers", [])
+    ]
+    if tiers_of(found) != wanted_tiers:
         return False
     if recurring is None or have is None:
         return recurring is None and have is None
@@ -141,13 +165,16 @@ def ensure_product(client: stripe.StripeClient, product_id: str, name: str) -> N
 
 def ensure_price(client: stripe.StripeClient, want: dict[str, Any]) -> str:
     key = want["lookup_key"]
-    found = client.v1.prices.list(params={"lookup_keys": [key], "active": True, "limit": 1}).data
+    found = client.v1.prices.list(
+        params={"lookup_keys": [key], "active": True, "limit": 1, "expand": ["data.tiers"]}
+    ).data
     if found and same_price(found[0], want):
         print(f"price {key}: found {found[0].id}")
         return str(found[0].id)
+    fingerprint = json.dumps(want, sort_keys=True).encode()
     created = client.v1.prices.create(
         params={**want, "transfer_lookup_key": True},
-        options={"idempotency_key": f"mb-price-{key}-{want['unit_amount']}-{want['currency']}"},
+        options={"idempotency_key": "mb-price-" + hashlib.sha256(fingerprint).hexdigest()[:32]},
     )
     print(
         f"price {key}: {'replaced ' + found[0].id + ' with' if found else 'created'} {created.id}"
@@ -200,7 +227,7 @@ def sync_catalog(settings: Settings, catalog: dict[str, Any], *, dry_run: bool) 
         for want in wanted_prices(catalog, meter_id="<meter>"):
             print(
                 f"would ensure product {want['product']} and price {want['lookup_key']}"
-                f" ({want['unit_amount']} {want['currency']})"
+                f" ({want.get('unit_amount', want.get('tiers'))} {want['currency']})"
             )
         print(f"would write {len(catalog['plans'])} plans into billing_plans")
         return {}

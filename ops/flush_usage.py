@@ -1,0 +1,43 @@
+"""Deliver pending meter events to Stripe, one bounded batch; safe to schedule and to overlap.
+
+Usage: python -m ops.flush_usage [--limit N]   (reads DATABASE_URL or SUPABASE_URL +
+SUPABASE_SERVICE_ROLE_KEY, STRIPE_SECRET_KEY)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.db import get_database
+from shared.errors import ConfigError
+from shared.settings import get_settings
+from shared.stripe_api import make_stripe_client
+from shared.usage import DEFAULT_FLUSH_LIMIT, flush_meter_events
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_FLUSH_LIMIT,
+        choices=range(1, 1001),
+        metavar="N",
+        help=f"most events to deliver in this run, 1-1000 (default {DEFAULT_FLUSH_LIMIT})",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
+    except ConfigError as error:
+        sys.exit(str(error))
+    report = flush_meter_events(
+        get_database(settings), make_stripe_client(settings), settings, limit=args.limit
+    )
+    print(
+        f"meter events: sent {report.sent}, kept pending {report.pending}, failed {report.failed}"
+    )
+
+
+if __name__ == "__main__":
+    main()

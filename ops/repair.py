@@ -1,0 +1,121 @@
+"""Repair what the Stripe webhook could not finish. Each command is idempotent and prints what it did.
+
+    python -m ops.repair failed-events [--dry-run]
+        process again every `failed` event of the ledger, and every claim older than the lease
+        (its process died); an event that succeeds is marked processed, one that fails keeps
+        its new error and attempt count.
+    python -m ops.repair resync --subscription sub_... [--dry-run]
+    python -m ops.repair resync --all [--dry-run]
+        fetch the subscription(s) from Stripe and apply the current state (only ever newer than
+        what is stored); --all takes every subscription that has not ended.
+
+Reads DATABASE_URL (or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY) and STRIPE_SECRET_KEY.
+Exit status 1 when something could not be repaired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import stripe
+
+from shared.db import Database, get_database
+from shared.errors import BillingError
+from shared.settings import get_settings
+from shared.stripe_api import make_stripe_client
+from shared.subscriptions import apply_state, fetch_subscription, normalise_subscription
+from shared.webhooks import failure_reason, process_event
+
+
+def retry_failed_events(
+    *, database: Database, stripe_client: stripe.StripeClient, dry_run: bool
+) -> int:
+    """Process the ledger's failed (and abandoned) events again; the number still failing."""
+    events: list[dict[str, Any]] = database.call("stripe_events_to_retry")
+    if not events:
+        print("no failed events")
+    failures = 0
+    for row in events:
+        label = f"{row['id']} ({row['type']}, {row['status']}, attempts {row['attempts']})"
+        if dry_run:
+            print(f"would process {label}: last error {row['error'] or '-'}")
+            continue
+        try:
+            status = process_event(row["payload"], database=database, stripe_client=stripe_client)
+        except Exception as error:
+            failures += 1
+            print(f"failed {label}: {failure_reason(error)}")
+        else:
+            print(f"{status} {label}")
+    return failures
+
+
+def resync(
+    subscription_ids: Sequence[str],
+    *,
+    database: Database,
+    stripe_client: stripe.StripeClient,
+    dry_run: bool,
+) -> int:
+    """Fetch each subscription from Stripe and apply it; the number that could not be synced."""
+    if not subscription_ids:
+        print("no subscriptions to re-sync")
+    failures = 0
+    for subscription_id in subscription_ids:
+        try:
+            fetched = fetch_subscription(stripe_client, subscription_id)
+            if dry_run:
+                state = normalise_subscription(fetched.subscription)
+                prices = ", ".join(str(item["price_id"]) for item in state["items"])
+                print(f"would apply {subscription_id}: {state['status']}, prices {prices}")
+                continue
+            result = apply_state(fetched, database=database, actor="ops-repair")
+        except (BillingError, stripe.StripeError) as error:
+            failures += 1
+            print(f"failed {subscription_id}: {failure_reason(error)}")
+            continue
+        if result["status"] == "ignored":
+            print(f"ignored {subscription_id}: {result['reason']}")
+        elif not result["applied"]:
+            print(f"unchanged {subscription_id}: the stored state is newer or ended")
+        else:
+            changed = ", ".join(result["changed"]) or "nothing changed"
+            verb = "created" if result["created"] else "synced"
+            print(f"{verb} {subscription_id}: {result['subscription_status']} ({changed})")
+    return failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.repair", description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    failed = commands.add_parser("failed-events", help="process failed webhook events again")
+    failed.add_argument("--dry-run", action="store_true", help="list them, change nothing")
+    again = commands.add_parser("resync", help="re-sync subscriptions from Stripe")
+    which = again.add_mutually_exclusive_group(required=True)
+    which.add_argument("--subscription", metavar="SUB_ID", help="one Stripe subscription id")
+    which.add_argument("--all", action="store_true", help="every subscription that has not ended")
+    again.add_argument("--dry-run", action="store_true", help="fetch and show, change nothing")
+    args = parser.parse_args(argv)
+
+    if args.command == "resync" and args.subscription and not args.subscription.startswith("sub_"):
+        parser.error("--subscription takes a Stripe subscription id (sub_...)")
+    settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
+    database = get_database(settings)
+    stripe_client = make_stripe_client(settings)
+    if args.command == "failed-events":
+        failures = retry_failed_events(
+            database=database, stripe_client=stripe_client, dry_run=args.dry_run
+        )
+    else:
+        ids = [args.subscription] if args.subscription else database.call("subscriptions_to_resync")
+        failures = resync(ids, database=database, stripe_client=stripe_client, dry_run=args.dry_run)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
