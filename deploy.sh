@@ -139,7 +139,7 @@ main() {
     webhook) cmd_webhook ;;
     functions) cmd_functions ;;
     all) cmd_all ;;
-    flush-usage) cmd_python ops.flush_usage "${args[@]+"${args[@]}"}" ;;
+    flush-usage) require_env STRIPE_SECRET_KEY; ensure_venv; "$PY" -m ops.flush_usage "${args[@]+"${args[@]}"}" ;;
     repair-events) cmd_python ops.repair failed-events ;;
     resync)
       if [ ${#args[@]} -gt 0 ]; then cmd_python ops.repair resync --subscription "${args[0]}"

@@ -12,6 +12,7 @@ hint = '<code>'`: nnn is the HTTP status and the hint the stable error code.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, Protocol
 
 import httpx
@@ -130,12 +131,17 @@ def _adapt(value: Any) -> Any:
 
 
 _database: Database | None = None
+_database_lock = threading.Lock()
 
 
 def get_database(settings: Settings) -> Database:
-    """The process's database, made on first use from the settings."""
+    """The process's database, made once on first use (threads share it) from the settings."""
     global _database
-    if _database is None:
+    if _database is not None:
+        return _database
+    with _database_lock:
+        if _database is not None:
+            return _database
         settings.require_database()
         if settings.DATABASE_URL:
             _database = PostgresDatabase(

@@ -47,7 +47,7 @@ def test_unknown_command_is_refused_with_the_usage():
         ("migrate", "DATABASE_URL"),
         ("stripe-catalog", "STRIPE_SECRET_KEY"),
         ("functions", "GCP_PROJECT"),
-        ("flush-usage", "DATABASE_URL"),
+        ("flush-usage", "STRIPE_SECRET_KEY"),
         ("all", "DATABASE_URL"),
     ],
 )

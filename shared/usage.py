@@ -1,0 +1,252 @@
+"""Usage: record each call's minutes once, read the current cycle, deliver meter events to Stripe.
+
+The usage row, the cycle totals, the alerts and the pending meter event are written by one SQL
+call (`record_usage`) before Stripe is called. The meter event is then an outbox row: sent once
+right away, and otherwise by `flush_meter_events`, under an identifier and idempotency key derived
+from (organisation, call), so any number of attempts bills the call once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import stripe
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from shared.db import Database
+from shared.errors import BillingError, Unprocessable
+from shared.settings import Settings
+from shared.stripe_api import describe, is_retriable
+
+log = logging.getLogger("metered_billing")
+
+MAX_CALL_SECONDS = 24 * 60 * 60
+FUTURE_TOLERANCE = timedelta(minutes=5)  # what Stripe accepts for a meter event's timestamp
+DEFAULT_FLUSH_LIMIT = 100
+
+Seconds = Annotated[float, Field(strict=True, ge=0, le=MAX_CALL_SECONDS, allow_inf_nan=False)]
+Minutes = Annotated[float, Field(strict=True, ge=0, le=MAX_CALL_SECONDS // 60, allow_inf_nan=False)]
+
+
+class UsageReport(BaseModel):
+    """POST report-usage: one finished call, its duration in seconds or in minutes."""
+
+    org_id: uuid.UUID
+    call_id: str = Field(min_length=1, max_length=200)
+    call_duration_seconds: Seconds | None = None
+    call_duration_minutes: Minutes | None = None
+    ended_at: datetime | None = None
+
+    @field_validator("call_id")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text") from None
+        return value
+
+    @field_validator("ended_at", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        expected = "must be an ISO-8601 date-time, e.g. 2026-11-22T05:00:00Z"
+        if not isinstance(value, str):
+            raise ValueError(expected)
+        try:
+            parsed = datetime.fromisoformat(value)
+            # Without an offset the time is taken as UTC, the agent's clock everywhere else.
+            parsed = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise ValueError(expected) from None
+        if parsed > datetime.now(UTC) + FUTURE_TOLERANCE:
+            raise ValueError("must not be more than 5 minutes in the future")
+        return parsed
+
+    @model_validator(mode="after")
+    def _one_duration(self) -> UsageReport:
+        if (self.call_duration_seconds is None) == (self.call_duration_minutes is None):
+            raise Unprocessable(
+                "call_duration_seconds: give exactly one of call_duration_seconds and"
+                " call_duration_minutes.",
+                field="call_duration_seconds",
+            )
+        return self
+
+    @property
+    def duration_seconds(self) -> Decimal:
+        """Exact seconds (minutes x 60 in decimal), so rounding up is exact too."""
+        if self.call_duration_seconds is not None:
+            return Decimal(repr(self.call_duration_seconds))
+        assert self.call_duration_minutes is not None
+        return Decimal(repr(self.call_duration_minutes)) * 60
+
+
+class CycleQuery(BaseModel):
+    """GET report-usage?org_id=..."""
+
+    org_id: uuid.UUID
+
+
+class FlushCommand(BaseModel):
+    """POST report-usage {"action": "flush"}: deliver due pending meter events."""
+
+    action: Literal["flush"]
+    limit: Annotated[int, Field(strict=True, ge=1, le=1000)] = DEFAULT_FLUSH_LIMIT
+
+
+@dataclass(frozen=True)
+class MeterEvent:
+    usage_record_id: str
+    identifier: str
+    customer: str
+    value: int
+    timestamp: int
+    attempt: int
+
+
+@dataclass
+class FlushReport:
+    sent: int = 0
+    pending: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def attempt_lease_seconds(settings: Settings) -> int:
+    """How long one delivery attempt may hold an event: a Stripe request's worst case + margin.
+
+    httpx applies the timeout to connecting, writing and reading separately.
+    """
+    return math.ceil(3 * settings.STRIPE_TIMEOUT_SECONDS) + 30
+
+
+def flush_lease_seconds(settings: Settings) -> int:
+    """How long a flush holds the events it claimed (5 minutes with the default timeout)."""
+    return 5 * attempt_lease_seconds(settings)
+
+
+def record_usage(
+    database: Database, client: stripe.StripeClient, settings: Settings, report: UsageReport
+) -> dict[str, Any]:
+    """Record the call once, then make the first attempt at its meter event; the response body."""
+    result: dict[str, Any] = database.call(
+        "record_usage",
+        p_org_id=str(report.org_id),
+        p_call_id=report.call_id,
+        p_duration_seconds=str(report.duration_seconds),
+        p_ended_at=report.ended_at.isoformat() if report.ended_at else None,
+        p_lease_seconds=attempt_lease_seconds(settings),
+    )
+    meter = result.pop("meter", None)
+    if meter is not None:
+        try:
+            result["meter_status"] = deliver(database, client, settings, MeterEvent(**meter))
+        except BillingError as error:
+            # Recorded and committed; only the delivery's outcome could not be saved. The event
+            # stays pending and the flush delivers it (Stripe dedupes the identifier).
+            log.warning("meter event outcome not saved: %s %s", error.code, error.message)
+            result["meter_status"] = "pending"
+    return result
+
+
+def response_status(result: dict[str, Any]) -> int:
+    """200 for a repeat, 202 while the meter event waits for a retry, 201 otherwise."""
+    if result["duplicate"]:
+        return 200
+    return 202 if result["meter_status"] == "pending" else 201
+
+
+def current_cycle(database: Database, org_id: uuid.UUID) -> dict[str, Any]:
+    """The organisation's plan, current cycle and whether it may place calls."""
+    summary: dict[str, Any] = database.call("usage_summary", p_org_id=str(org_id))
+    return summary
+
+
+def deliver(
+    database: Database, client: stripe.StripeClient, settings: Settings, event: MeterEvent
+) -> str:
+    """Send one claimed meter event and keep the outcome; the event's meter_status after it."""
+    outcome, error = send_meter_event(client, settings, event)
+    saved = database.call(
+        "record_meter_result",
+        p_usage_record_id=event.usage_record_id,
+        p_attempt=event.attempt,
+        p_outcome=outcome,
+        p_error=error,
+    )
+    status: str = saved["meter_status"]
+    return status
+
+
+def send_meter_event(
+    client: stripe.StripeClient, settings: Settings, event: MeterEvent
+) -> tuple[Literal["sent", "retry", "failed"], str | None]:
+    """POST one meter event: ("sent", None), ("retry", why) or ("failed", Stripe's reason)."""
+    try:
+        client.v1.billing.meter_events.create(
+            params={
+                "event_name": settings.STRIPE_METER_EVENT_NAME,
+                "identifier": event.identifier,
+                "payload": {"stripe_customer_id": event.customer, "value": str(event.value)},
+                "timestamp": event.timestamp,
+            },
+            # One try within STRIPE_TIMEOUT_SECONDS: retrying is the outbox's job. The key is the
+            # identifier, so a retry of a request Stripe did process replays its answer.
+            options={"max_network_retries": 0, "idempotency_key": event.identifier},
+        )
+    except stripe.StripeError as error:
+        if already_recorded(error):
+            return "sent", None
+        reason = describe(error)
+        log.warning("meter event %s not delivered: %s", event.identifier, reason)
+        return ("retry" if is_retriable(error) else "failed"), reason
+    return "sent", None
+
+
+def already_recorded(error: stripe.StripeError) -> bool:
+    """Stripe's answer to an identifier it has seen: "An event already exists with identifier"."""
+    if error.http_status != 400:
+        return False
+    message = str(error.user_message or "").lower()
+    return error.code == "resource_already_exists" or (
+        "already exists" in message and "identifier" in message
+    )
+
+
+def flush_meter_events(
+    database: Database,
+    client: stripe.StripeClient,
+    settings: Settings,
+    *,
+    limit: int = DEFAULT_FLUSH_LIMIT,
+) -> FlushReport:
+    """Deliver up to `limit` due pending meter events; safe to run from several places at once."""
+    lease = flush_lease_seconds(settings)
+    claimed = database.call("claim_meter_events", p_limit=limit, p_lease_seconds=lease)
+    # Stop before the lease could end mid-request: past it, another flush may claim the event.
+    deadline = time.monotonic() + lease - attempt_lease_seconds(settings)
+    report = FlushReport()
+    for event in claimed:
+        if time.monotonic() > deadline:
+            report.pending += 1  # due again when the lease ends
+            continue
+        status = deliver(database, client, settings, MeterEvent(**event))
+        report.sent += status == "sent"
+        report.pending += status == "pending"
+        report.failed += status == "failed"
+    return report

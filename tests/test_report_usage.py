@@ -1,0 +1,750 @@
+"""report-usage through the real function: minutes counted once in Postgres and on the Stripe
+meter, under repeats, concurrency and bad input. Stripe is faked with respx (fixture shapes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from calendar import monthrange
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+import respx
+from jose import jwt
+
+from shared.errors import ConfigError
+from tests.conftest import JWT_SECRET, SERVICE_KEY, function_client, stripe_fixture, user_token
+from tests.openapi_check import assert_documented
+
+FIELDS = {
+    "usage_record_id",
+    "billed_minutes",
+    "minutes_used",
+    "included_minutes",
+    "overage_minutes",
+    "overage_cost_cents",
+    "meter_status",
+    "alerts",
+    "duplicate",
+}
+AUTH = {"Authorization": f"Bearer {SERVICE_KEY}"}
+
+
+def stripe_error(status: int, message: str, *, code: str | None = None) -> httpx.Response:
+    kind = {400: "invalid_request_error", 429: "invalid_request_error"}.get(status, "api_error")
+    error = {"type": kind, "message": message, "code": code}
+    return httpx.Response(status, json={"error": error})
+
+
+class FakeMeter:
+    """POST /v1/billing/meter_events as Stripe answers it: fixture-shaped events, identifiers
+    unique, an Idempotency-Key replays its first answer, timestamps older than 35 days refused.
+    `fail_next` queues failures (500, 429, "timeout", or a callable that raises)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: dict[str, dict[str, str]] = {}
+        self.requests: list[dict[str, str]] = []
+        self.keys: list[str | None] = []
+        self.replies: dict[str, tuple[int, Any]] = {}
+        self.failures: list[Any] = []
+        self.delay = 0.0
+
+    def fail_next(self, *failures: Any) -> None:
+        with self.lock:
+            self.failures.extend(failures)
+
+    def sent(self, identifier: str) -> int:
+        """How many requests carried this identifier."""
+        with self.lock:
+            return sum(form["identifier"] == identifier for form in self.requests)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        form = {key: values[0] for key, values in parse_qs(request.content.decode()).items()}
+        key = request.headers.get("Idempotency-Key")
+        with self.lock:
+            self.requests.append(form)
+            self.keys.append(key)
+            failure = self.failures.pop(0) if self.failures else None
+        if self.delay:
+            time.sleep(self.delay)
+        if failure == "timeout":
+            raise httpx.ReadTimeout("timed out", request=request)
+        if failure in (500, 429):
+            return stripe_error(failure, "Stripe is having a moment.")
+        with self.lock:
+            if key is not None and key in self.replies:
+                status, body = self.replies[key]
+            else:
+                status, body = self.accept(form)
+                if key is not None:
+                    self.replies[key] = (status, body)
+        if callable(failure):
+            failure()  # Stripe took the event, then the caller died before hearing back
+        return httpx.Response(status, json=body)
+
+    def accept(self, form: dict[str, str]) -> tuple[int, Any]:
+        identifier = form["identifier"]
+        if identifier in self.events:
+            message = f"An event already exists with identifier {identifier}."
+            return 400, {"error": {"type": "invalid_request_error", "message": message}}
+        if int(form["timestamp"]) < time.time() - 35 * 86400:
+            message = "Timestamp must be within the past 35 calendar days."
+            error = {"type": "invalid_request_error", "message": message, "param": "timestamp"}
+            return 400, {"error": {**error, "code": "timestamp_too_far_in_past"}}
+        self.events[identifier] = form
+        event = stripe_fixture("billing.meter_event")
+        event.update(
+            event_name=form["event_name"],
+            identifier=identifier,
+            timestamp=int(form["timestamp"]),
+            payload={
+                "stripe_customer_id": form["payload[stripe_customer_id]"],
+                "value": form["payload[value]"],
+            },
+        )
+        return 200, event
+
+
+@pytest.fixture
+def meter() -> Iterator[FakeMeter]:
+    fake = FakeMeter()
+    with respx.mock(base_url="https://api.stripe.com", assert_all_called=False) as stripe_mock:
+        stripe_mock.post("/v1/billing/meter_events").mock(side_effect=fake)
+        yield fake
+
+
+@pytest.fixture
+def client(function_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("DATABASE_POOL_SIZE", "20")
+    return function_client("report-usage", "report_usage")
+
+
+def identifier_for(org_id: Any, call_id: str) -> str:
+    return "mb_" + hashlib.sha256(f"{org_id}:{call_id}".encode()).hexdigest()
+
+
+def at(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def month_after(moment: datetime) -> datetime:
+    """Stripe's next monthly boundary: the same day a month later, clamped to the month's end."""
+    year, month = moment.year + moment.month // 12, moment.month % 12 + 1
+    return moment.replace(year=year, month=month, day=min(moment.day, monthrange(year, month)[1]))
+
+
+@pytest.fixture
+def subscribe(db: Any) -> Callable[..., dict[str, Any]]:
+    """A subscription for `org` on `plan`, with (by default) its cycle for [start, end)."""
+
+    def make(
+        org: dict[str, Any],
+        plan: dict[str, Any],
+        *,
+        start: datetime = NOW - timedelta(days=10),
+        end: datetime | None = None,
+        status: str = "active",
+        cycle: bool = True,
+    ) -> dict[str, Any]:
+        end = end or month_after(start)
+        sub = db.execute(
+            "insert into subscriptions (organisation_id, plan_id, stripe_subscription_id,"
+            " stripe_customer_id, status, billing_period, current_period_start,"
+            " current_period_end) values (%s, %s, %s, %s, %s, 'monthly', %s, %s) returning *",
+            (
+                org["id"],
+                plan["id"],
+                f"sub_{uuid.uuid4().hex[:14]}",
+                org["stripe_customer_id"],
+                status,
+                start,
+                end,
+            ),
+        ).fetchone()
+        if cycle:
+            db.execute(
+                "insert into billing_cycles (organisation_id, subscription_id, period_start,"
+                " period_end, included_minutes) values (%s, %s, %s, %s, %s)",
+                (org["id"], sub["id"], start, end, plan["included_minutes"]),
+            )
+        return dict(sub)
+
+    return make
+
+
+@pytest.fixture
+def customer_org(make_org: Callable[..., dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    return lambda: make_org(stripe_customer_id=f"cus_{uuid.uuid4().hex[:14]}")
+
+
+@pytest.fixture
+def subscribed(
+    customer_org: Callable[[], dict[str, Any]],
+    make_plan: Callable[..., dict[str, Any]],
+    subscribe: Callable[..., dict[str, Any]],
+) -> dict[str, Any]:
+    """An organisation with an active subscription (500 included minutes, 50 cents over)."""
+    org, plan = customer_org(), make_plan()
+    return {"org": org, "plan": plan, "sub": subscribe(org, plan)}
+
+
+def report(client: Any, org_id: Any, call_id: str | None = None, **fields: Any) -> Any:
+    body: dict[str, Any] = {"org_id": str(org_id), "call_id": call_id or uuid.uuid4().hex}
+    if "call_duration_minutes" not in fields:
+        fields.setdefault("call_duration_seconds", 61)
+    body.update(fields)
+    response = client.post("/", json=body, headers=AUTH)
+    assert_documented("/report-usage", "POST", response.status_code, response.get_json())
+    return response
+
+
+def current_cycle(client: Any, query: str) -> Any:
+    response = client.get(f"/{query}", headers=AUTH)
+    assert_documented("/report-usage", "GET", response.status_code, response.get_json())
+    return response
+
+
+def cycles_of(db: Any, sub_id: Any) -> list[dict[str, Any]]:
+    return db.execute(
+        "select * from billing_cycles where subscription_id = %s order by period_start", (sub_id,)
+    ).fetchall()
+
+
+def usage_row(db: Any, org_id: Any, call_id: str) -> dict[str, Any]:
+    return db.execute(
+        "select * from usage_records where organisation_id = %s and call_id = %s",
+        (org_id, call_id),
+    ).fetchone()
+
+
+# ------------------------------------------------------------------ recording a call
+
+
+def test_first_report_bills_rounded_minutes_and_sends_one_meter_event(
+    client, meter, db, subscribed
+):
+    org, ended = subscribed["org"], NOW - timedelta(minutes=3)
+    response = report(client, org["id"], "call-1", call_duration_seconds=61, ended_at=at(ended))
+
+    assert response.status_code == 201
+    body = response.get_json()
+    assert set(body) == FIELDS
+    assert body["billed_minutes"] == 2
+    assert body["minutes_used"] == 2 and body["included_minutes"] == 500
+    assert body["overage_minutes"] == 0 and body["overage_cost_cents"] == 0
+    assert body["meter_status"] == "sent" and body["alerts"] == [] and body["duplicate"] is False
+
+    identifier = identifier_for(org["id"], "call-1")
+    assert len(identifier) <= 100
+    assert meter.requests == [
+        {
+            "event_name": "voice_call_minutes",
+            "identifier": identifier,
+            "payload[stripe_customer_id]": org["stripe_customer_id"],
+            "payload[value]": "2",
+            "timestamp": str(int(ended.timestamp())),
+        }
+    ]
+    assert meter.keys == [identifier]
+    row = usage_row(db, org["id"], "call-1")
+    assert str(row["id"]) == body["usage_record_id"]
+    assert row["meter_status"] == "sent" and row["meter_identifier"] == identifier
+    assert row["ended_at"] == ended and row["billed_minutes"] == 2
+    assert cycles_of(db, subscribed["sub"]["id"])[0]["minutes_used"] == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "minutes"),
+    [
+        ("call_duration_seconds", 0.001, 1),
+        ("call_duration_seconds", 60, 1),
+        ("call_duration_seconds", 60.5, 2),
+        ("call_duration_seconds", 86400, 1440),
+        ("call_duration_minutes", 2, 2),
+        ("call_duration_minutes", 2.01, 3),
+        ("call_duration_minutes", 0.5, 1),
+    ],
+)
+def test_minutes_are_rounded_up(client, meter, subscribed, field, value, minutes):
+    response = report(client, subscribed["org"]["id"], **{field: value})
+    assert response.status_code == 201
+    assert response.get_json()["billed_minutes"] == minutes
+    assert meter.requests[0]["payload[value]"] == str(minutes)
+
+
+@pytest.mark.parametrize("field", ["call_duration_seconds", "call_duration_minutes"])
+def test_zero_length_call_bills_nothing_and_sends_nothing(client, meter, db, subscribed, field):
+    response = report(client, subscribed["org"]["id"], "zero", **{field: 0})
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["billed_minutes"] == 0 and body["minutes_used"] == 0
+    assert body["meter_status"] == "skipped"
+    assert meter.requests == []
+    assert usage_row(db, subscribed["org"]["id"], "zero")["meter_status"] == "skipped"
+
+
+def test_repeat_returns_the_first_result_and_changes_nothing(client, meter, db, subscribed):
+    org = subscribed["org"]
+    first = report(client, org["id"], "again", call_duration_seconds=600)
+    report(client, org["id"], "other", call_duration_seconds=60)
+    before = cycles_of(db, subscribed["sub"]["id"])
+
+    repeat = report(client, org["id"], "again", call_duration_seconds=9000)
+
+    assert first.status_code == 201 and repeat.status_code == 200
+    assert repeat.get_json() == {**first.get_json(), "duplicate": True}
+    assert repeat.get_json()["minutes_used"] == 10  # the totals right after the first report
+    assert cycles_of(db, subscribed["sub"]["id"]) == before
+    assert meter.sent(identifier_for(org["id"], "again")) == 1
+
+
+def test_the_same_call_id_in_two_organisations_is_two_calls(
+    client, meter, subscribed, customer_org, subscribe
+):
+    other = customer_org()
+    subscribe(other, subscribed["plan"])
+    first = report(client, subscribed["org"]["id"], "shared-id")
+    second = report(client, other["id"], "shared-id")
+    assert first.status_code == second.status_code == 201
+    assert len(meter.events) == 2
+
+
+def test_fifty_concurrent_identical_reports_count_once(client, meter, db, subscribed):
+    org, app = subscribed["org"], client.application
+    start = threading.Barrier(50)
+
+    def one(_: int) -> Any:
+        start.wait()
+        return report(app.test_client(), org["id"], "storm", call_duration_seconds=125)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(one, range(50)))
+
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 49 + [201]
+    bodies = [r.get_json() for r in responses]
+    assert {b["usage_record_id"] for b in bodies} == {bodies[0]["usage_record_id"]}
+    assert all(b["billed_minutes"] == 3 and b["minutes_used"] == 3 for b in bodies)
+    assert meter.sent(identifier_for(org["id"], "storm")) == 1
+    count = db.execute(
+        "select count(*) as n from usage_records where organisation_id = %s", (org["id"],)
+    ).fetchone()
+    assert count["n"] == 1
+    assert cycles_of(db, subscribed["sub"]["id"])[0]["minutes_used"] == 3
+
+
+def test_two_hundred_concurrent_calls_add_up_to_the_minute(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    org, plan = customer_org(), make_plan(included_minutes=100, overage_rate_cents=7)
+    sub = subscribe(org, plan)
+    durations = [(i * 37) % 400 for i in range(200)]  # 0 to 399 seconds, zeros included
+    app = client.application
+
+    def one(i: int) -> Any:
+        return report(app.test_client(), org["id"], f"c{i}", call_duration_seconds=durations[i])
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(one, range(200)))
+
+    assert {r.status_code for r in responses} == {201}
+    billed = sum(-(-d // 60) for d in durations)
+    cycle = cycles_of(db, sub["id"])[0]
+    assert cycle["minutes_used"] == billed == sum(r.get_json()["billed_minutes"] for r in responses)
+    assert cycle["overage_minutes"] == billed - 100
+    assert cycle["overage_cost_cents"] == (billed - 100) * 7
+    # Each report saw its own total: the running totals are a permutation of the prefix sums.
+    assert max(r.get_json()["minutes_used"] for r in responses) == billed
+    metered = [d for d in durations if d > 0]
+    assert len(meter.events) == len(metered) == len(meter.requests)
+    assert sum(int(e["payload[value]"]) for e in meter.events.values()) == billed
+    alerts = db.execute(
+        "select threshold_percent from usage_alerts where billing_cycle_id = %s", (cycle["id"],)
+    ).fetchall()
+    assert sorted(a["threshold_percent"] for a in alerts) == [80, 100, 120]
+    crossed = sorted(t for r in responses for t in r.get_json()["alerts"])
+    assert crossed == [80, 100, 120]
+
+
+# ------------------------------------------------------------------ cycles and alerts
+
+
+def test_alerts_fire_once_each(client, meter, db, customer_org, make_plan, subscribe):
+    org, plan = customer_org(), make_plan(included_minutes=10, overage_rate_cents=50)
+    sub = subscribe(org, plan)
+    steps = [(7, []), (1, [80]), (2, [100]), (1, []), (1, [120]), (5, [])]
+    seen = []
+    for i, (minutes, alerts) in enumerate(steps):
+        body = report(client, org["id"], f"a{i}", call_duration_minutes=minutes).get_json()
+        seen.append(body["alerts"])
+        assert body["alerts"] == alerts, i
+    assert report(client, org["id"], "a1", call_duration_minutes=1).get_json()["alerts"] == [80]
+
+    cycle = cycles_of(db, sub["id"])[0]
+    assert (cycle["minutes_used"], cycle["overage_minutes"], cycle["overage_cost_cents"]) == (
+        17,
+        7,
+        350,
+    )
+    rows = db.execute(
+        "select threshold_percent from usage_alerts where billing_cycle_id = %s order by 1",
+        (cycle["id"],),
+    ).fetchall()
+    assert [r["threshold_percent"] for r in rows] == [80, 100, 120]
+
+
+def test_one_long_call_crosses_every_threshold(client, meter, customer_org, make_plan, subscribe):
+    org, plan = customer_org(), make_plan(included_minutes=10)
+    subscribe(org, plan)
+    body = report(client, org["id"], call_duration_minutes=13).get_json()
+    assert body["alerts"] == [80, 100, 120]
+    assert body["overage_minutes"] == 3 and body["overage_cost_cents"] == 150
+
+
+def test_no_included_minutes_means_no_alerts(client, meter, customer_org, make_plan, subscribe):
+    org, plan = customer_org(), make_plan(included_minutes=0, overage_rate_cents=9)
+    subscribe(org, plan)
+    body = report(client, org["id"], call_duration_minutes=4).get_json()
+    assert body["alerts"] == [] and body["overage_cost_cents"] == 36
+
+
+def test_calls_after_the_period_open_the_next_cycles_without_drift(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    org, plan = customer_org(), make_plan(included_minutes=300)
+    jan31 = datetime(2026, 1, 31, 10, 0, tzinfo=UTC)
+    feb28 = datetime(2026, 2, 28, 10, 0, tzinfo=UTC)
+    sub = subscribe(org, plan, start=jan31, end=feb28)
+
+    report(client, org["id"], "march", call_duration_minutes=5, ended_at="2026-03-15T12:00:00Z")
+    report(client, org["id"], "march-2", call_duration_minutes=2, ended_at="2026-03-31T09:59:59Z")
+    report(client, org["id"], "april", call_duration_minutes=4, ended_at="2026-03-31T10:00:00Z")
+
+    cycles = cycles_of(db, sub["id"])
+    assert [(c["period_start"], c["period_end"], c["minutes_used"]) for c in cycles] == [
+        (jan31, feb28, 0),
+        (feb28, datetime(2026, 3, 31, 10, 0, tzinfo=UTC), 7),
+        (datetime(2026, 3, 31, 10, 0, tzinfo=UTC), datetime(2026, 4, 30, 10, 0, tzinfo=UTC), 4),
+    ]
+    assert all(c["included_minutes"] == 300 for c in cycles)
+    row = usage_row(db, org["id"], "march")
+    assert row["billing_cycle_id"] == cycles[1]["id"]
+
+
+def test_a_subscription_without_cycles_opens_its_current_period(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    org, plan = customer_org(), make_plan()
+    sub = subscribe(org, plan, cycle=False)
+    body = report(client, org["id"], call_duration_minutes=3).get_json()
+    cycles = cycles_of(db, sub["id"])
+    assert len(cycles) == 1 and cycles[0]["minutes_used"] == 3 == body["minutes_used"]
+    assert cycles[0]["period_start"] == sub["current_period_start"]
+
+
+def test_no_subscription_is_recorded_and_skipped(client, meter, db, customer_org):
+    org = customer_org()
+    response = report(client, org["id"], "free", call_duration_seconds=300)
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["billed_minutes"] == 5 and body["meter_status"] == "skipped"
+    assert body["minutes_used"] is None and body["alerts"] == []
+    assert meter.requests == []
+    assert usage_row(db, org["id"], "free")["billed_minutes"] == 5
+
+
+def test_a_call_before_the_first_period_is_recorded_unmetered(client, meter, db, subscribed):
+    org = subscribed["org"]
+    response = report(client, org["id"], "early", ended_at=at(NOW - timedelta(days=40)))
+    assert response.status_code == 201
+    assert response.get_json()["meter_status"] == "skipped"
+    assert len(cycles_of(db, subscribed["sub"]["id"])) == 1
+    assert meter.requests == []
+
+
+def test_a_cancelled_subscription_is_not_metered(client, meter, customer_org, make_plan, subscribe):
+    org = customer_org()
+    subscribe(org, make_plan(), status="canceled", cycle=False)
+    assert report(client, org["id"]).get_json()["meter_status"] == "skipped"
+
+
+def test_a_late_report_after_cancellation_counts_in_its_period(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    org = customer_org()
+    ended = subscribe(org, make_plan(), status="canceled")
+    body = report(client, org["id"], "late", ended_at=at(NOW - timedelta(hours=2))).get_json()
+    assert body["meter_status"] == "sent" and body["minutes_used"] == 2
+    assert cycles_of(db, ended["id"])[0]["minutes_used"] == 2
+
+
+def test_a_new_subscription_wins_over_a_cancelled_one(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    org = customer_org()
+    old = subscribe(org, make_plan(), status="canceled")
+    new = subscribe(org, make_plan(included_minutes=42), start=NOW - timedelta(days=1), cycle=False)
+    body = report(client, org["id"], "after-resubscribing").get_json()
+    assert body["included_minutes"] == 42
+    assert cycles_of(db, old["id"])[0]["minutes_used"] == 0
+    assert cycles_of(db, new["id"])[0]["minutes_used"] == 2
+
+
+# ------------------------------------------------------------------ Stripe's answers
+
+
+def test_stripe_refusing_for_good_marks_failed_with_its_reason(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    org = customer_org()
+    subscribe(org, make_plan(), start=NOW - timedelta(days=50), end=NOW + timedelta(days=10))
+    response = report(client, org["id"], "old", ended_at=at(NOW - timedelta(days=40)))
+    assert response.status_code == 201
+    assert response.get_json()["meter_status"] == "failed"
+    row = usage_row(db, org["id"], "old")
+    assert row["meter_status"] == "failed" and "35 calendar days" in row["meter_error"]
+    assert row["billed_minutes"] == 2  # the minutes are still counted in the cycle
+
+
+def test_identifier_already_at_stripe_counts_as_sent(client, meter, db, subscribed):
+    org = subscribed["org"]
+    identifier = identifier_for(org["id"], "known")
+    meter.events[identifier] = {"identifier": identifier}  # e.g. sent before a key expired
+    response = report(client, org["id"], "known")
+    assert response.status_code == 201 and response.get_json()["meter_status"] == "sent"
+    assert usage_row(db, org["id"], "known")["meter_status"] == "sent"
+
+
+@pytest.mark.parametrize("failure", [500, 429, "timeout"])
+def test_stripe_unavailable_keeps_the_event_pending(client, meter, db, subscribed, failure):
+    org = subscribed["org"]
+    meter.fail_next(failure)
+    response = report(client, org["id"], "busy")
+    assert response.status_code == 202
+    assert response.get_json()["meter_status"] == "pending"
+    row = usage_row(db, org["id"], "busy")
+    assert row["meter_status"] == "pending" and row["meter_attempts"] == 1
+    assert row["meter_error"] and row["meter_next_attempt_at"] > datetime.now(UTC)
+    assert cycles_of(db, subscribed["sub"]["id"])[0]["minutes_used"] == 2
+    repeat = report(client, org["id"], "busy")
+    assert repeat.status_code == 200 and repeat.get_json()["meter_status"] == "pending"
+
+
+# ------------------------------------------------------------------ bad requests
+
+
+@pytest.mark.parametrize("name", ["STRIPE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY"])
+def test_the_function_does_not_start_without_its_secrets(function_env, monkeypatch, name):
+    from shared.settings import get_settings
+
+    monkeypatch.setenv(name, "changeme")
+    get_settings.cache_clear()
+    with pytest.raises(ConfigError, match=name):
+        function_client("report-usage", "report_usage")
+
+
+def test_auth_is_required_and_users_are_refused(client, subscribed):
+    org_id = str(subscribed["org"]["id"])
+    body = {"org_id": org_id, "call_id": "x", "call_duration_seconds": 1}
+    assert client.post("/", json=body).status_code == 401
+    wrong = client.post("/", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    user = {"Authorization": f"Bearer {user_token(str(uuid.uuid4()))}"}
+    refused = client.post("/", json=body, headers=user)
+    assert refused.status_code == 403
+    assert refused.get_json()["error"]["code"] == "service_key_required"
+    assert client.get(f"/?org_id={org_id}", headers=user).status_code == 403
+    assert client.post("/", json={"action": "flush"}, headers=user).status_code == 403
+
+
+def test_a_service_role_jwt_is_accepted(client, meter, subscribed):
+    claims = {"role": "service_role", "exp": int(time.time()) + 60}
+    token = jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    body = {"org_id": str(subscribed["org"]["id"]), "call_id": "jwt", "call_duration_seconds": 1}
+    response = client.post("/", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 201
+
+
+def test_unknown_organisation_is_404(client, meter):
+    response = report(client, uuid.uuid4())
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "organisation_not_found"
+    assert current_cycle(client, f"?org_id={uuid.uuid4()}").status_code == 404
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_other_methods_are_405(client, method):
+    response = client.open("/", method=method, headers=AUTH)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "GET, POST"
+
+
+ORG = "00000000-0000-4000-8000-000000000000"
+VALID = {"org_id": ORG, "call_id": "c", "call_duration_seconds": 30}
+FUTURE = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"org_id": None}, "org_id"),
+        ({"org_id": "not-a-uuid"}, "org_id"),
+        ({"call_id": ""}, "call_id"),
+        ({"call_id": "   "}, "call_id"),
+        ({"call_id": "x" * 201}, "call_id"),
+        ({"call_id": 12345}, "call_id"),
+        ({"call_id": "a\u0000b"}, "call_id"),
+        ({"call_id": "\ud800"}, "call_id"),
+        ({"call_duration_seconds": -1}, "call_duration_seconds"),
+        ({"call_duration_seconds": float("nan")}, "call_duration_seconds"),
+        ({"call_duration_seconds": float("inf")}, "call_duration_seconds"),
+        ({"call_duration_seconds": -float("inf")}, "call_duration_seconds"),
+        ({"call_duration_seconds": 86400.5}, "call_duration_seconds"),
+        ({"call_duration_seconds": 10**400}, "call_duration_seconds"),
+        ({"call_duration_seconds": "61"}, "call_duration_seconds"),
+        ({"call_duration_seconds": True}, "call_duration_seconds"),
+        ({"call_duration_seconds": None}, "call_duration_seconds"),
+        ({"call_duration_minutes": 2}, "call_duration_seconds"),
+        ({"call_duration_seconds": None, "call_duration_minutes": 1441}, "call_duration_minutes"),
+        ({"call_duration_seconds": None, "call_duration_minutes": -0.5}, "call_duration_minutes"),
+        (
+            {"call_duration_seconds": None, "call_duration_minutes": float("nan")},
+            "call_duration_minutes",
+        ),
+        ({"ended_at": "yesterday"}, "ended_at"),
+        ({"ended_at": "2026-13-01T00:00:00Z"}, "ended_at"),
+        ({"ended_at": 1763790000}, "ended_at"),
+        ({"ended_at": FUTURE}, "ended_at"),
+        ({"ended_at": "0001-01-01T00:00:00+14:00"}, "ended_at"),
+        ({"ended_at": "9999-12-31T23:59:59-14:00"}, "ended_at"),
+    ],
+)
+def test_bad_bodies_are_422_naming_the_field(client, change, field):
+    body = {key: value for key, value in {**VALID, **change}.items() if value is not None}
+    response = client.post(
+        "/", data=json.dumps(body), content_type="application/json", headers=AUTH
+    )
+    assert response.status_code == 422, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error" and error["field"] == field
+
+
+@pytest.mark.parametrize("raw", ["[]", '"text"', "null", "42"])
+def test_a_body_that_is_not_an_object_is_422(client, raw):
+    response = client.post("/", data=raw, content_type="application/json", headers=AUTH)
+    assert response.status_code == 422 and response.get_json()["error"]["field"] == "body"
+
+
+def test_invalid_json_is_400(client):
+    response = client.post("/", data="{nope", content_type="application/json", headers=AUTH)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "invalid_json"
+
+
+def test_an_ended_at_without_offset_is_utc_and_five_minutes_ahead_is_fine(
+    client, meter, db, subscribed
+):
+    org = subscribed["org"]
+    naive = (NOW - timedelta(hours=1)).replace(tzinfo=None).isoformat()
+    assert report(client, org["id"], "naive", ended_at=naive).status_code == 201
+    assert usage_row(db, org["id"], "naive")["ended_at"] == NOW - timedelta(hours=1)
+    soon = at(datetime.now(UTC) + timedelta(minutes=4))
+    assert report(client, org["id"], "soon", ended_at=soon).status_code == 201
+
+
+def test_ended_at_defaults_to_now(client, meter, db, subscribed):
+    org = subscribed["org"]
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    assert report(client, org["id"], "now").status_code == 201
+    assert usage_row(db, org["id"], "now")["ended_at"] >= before
+
+
+# ------------------------------------------------------------------ GET the current cycle
+
+
+def test_get_shows_the_current_cycle(client, meter, subscribed):
+    org, plan = subscribed["org"], subscribed["plan"]
+    report(client, org["id"], call_duration_minutes=502)
+    response = current_cycle(client, f"?org_id={org['id']}")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body == {
+        "org_id": str(org["id"]),
+        "plan": {"id": str(plan["id"]), "name": plan["name"]},
+        "subscription_status": "active",
+        "period_start": body["period_start"],
+        "period_end": body["period_end"],
+        "included_minutes": 500,
+        "minutes_used": 502,
+        "overage_minutes": 2,
+        "overage_cost_cents": 100,
+        "currency": "eur",
+        "allowed": True,
+    }
+    sub = subscribed["sub"]
+    assert datetime.fromisoformat(body["period_start"]) == sub["current_period_start"]
+    assert datetime.fromisoformat(body["period_end"]) == sub["current_period_end"]
+
+
+def test_get_for_an_organisation_without_subscription(client, customer_org):
+    org = customer_org()
+    body = current_cycle(client, f"?org_id={org['id']}").get_json()
+    assert body == {
+        "org_id": str(org["id"]),
+        "plan": None,
+        "subscription_status": None,
+        "period_start": None,
+        "period_end": None,
+        "included_minutes": None,
+        "minutes_used": None,
+        "overage_minutes": None,
+        "overage_cost_cents": None,
+        "currency": None,
+        "allowed": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "allowed"),
+    [
+        ("trialing", True),
+        ("past_due", True),
+        ("unpaid", False),
+        ("canceled", False),
+        ("incomplete", False),
+        ("paused", False),
+    ],
+)
+def test_get_allows_calls_only_on_a_live_paid_up_subscription(
+    client, customer_org, make_plan, subscribe, status, allowed
+):
+    org = customer_org()
+    subscribe(org, make_plan(), status=status)
+    body = current_cycle(client, f"?org_id={org['id']}").get_json()
+    assert body["subscription_status"] == status and body["allowed"] is allowed
+
+
+def test_get_before_any_usage_shows_the_period_unused(client, customer_org, make_plan, subscribe):
+    org = customer_org()
+    sub = subscribe(org, make_plan(included_minutes=250), cycle=False)
+    body = current_cycle(client, f"?org_id={org['id']}").get_json()
+    assert body["minutes_used"] == 0 and body["included_minutes"] == 250
+    assert datetime.fromisoformat(body["period_start"]) == sub["current_period_start"]
+
+
+@pytest.mark.parametrize("query", ["", "?org_id=", "?org_id=nope"])
+def test_get_needs_a_valid_org_id(client, query):
+    response = current_cycle(client, query)
+    assert response.status_code == 422 and response.get_json()["error"]["field"] == "org_id"
