@@ -116,6 +116,7 @@ class Stack:
     data: Path
     port_base: int = 8080
     stripe_port: int = 12111
+    database_url: str | None = None  # a server of your own; default: embedded in data/pgdata
     env: dict[str, str] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
     stripe_base: str | None = None
@@ -166,11 +167,13 @@ class Stack:
         self._start_functions()
 
     def _start_postgres(self) -> str:
-        import pgserver
+        url = self.database_url
+        if url is None:
+            import pgserver
 
-        server = pgserver.get_server(self.data / "pgdata", cleanup_mode="stop")
-        self._stops.append(server.cleanup)
-        url = server.get_uri()
+            server = pgserver.get_server(self.data / "pgdata", cleanup_mode="stop")
+            self._stops.append(server.cleanup)
+            url = server.get_uri()
         migrate(url)
         return url
 

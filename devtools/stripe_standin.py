@@ -287,6 +287,7 @@ class State:
             {**e, "billed_on": self.billed.get(key)} for key, e in self.meter_events.items()
         ]
         out["events"] = list(self.event_log.values())
+        out["checkout_orders"] = self.session_orders  # line items as sent, by session id
         return copy.deepcopy(out)
 
 
@@ -596,9 +597,7 @@ def create_checkout_session(call: Call) -> Json:
         {"price": x["id"], "quantity": as_int(line, "quantity")}
         for x, line in zip(prices, lines, strict=True)
     ]
-    amount = sum(
-        x["unit_amount"] * (o["quantity"] or 0) for x, o in zip(prices, order, strict=True)
-    )
+    amount = sum(price_amount(x, o["quantity"] or 0) for x, o in zip(prices, order, strict=True))
     subscription_metadata = as_object(as_object(p, "subscription_data"), "metadata")
     session_id, now = new_id("cs_test"), int(time.time())
     session = fixture(

@@ -23,7 +23,7 @@ from typing import Any
 import stripe
 
 from shared.db import Database, get_database
-from shared.errors import BillingError
+from shared.errors import BillingError, ConfigError
 from shared.settings import get_settings
 from shared.stripe_api import make_stripe_client
 from shared.subscriptions import apply_state, fetch_subscription, normalise_subscription
@@ -104,16 +104,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "resync" and args.subscription and not args.subscription.startswith("sub_"):
         parser.error("--subscription takes a Stripe subscription id (sub_...)")
-    settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
-    database = get_database(settings)
-    stripe_client = make_stripe_client(settings)
-    if args.command == "failed-events":
-        failures = retry_failed_events(
-            database=database, stripe_client=stripe_client, dry_run=args.dry_run
-        )
-    else:
-        ids = [args.subscription] if args.subscription else database.call("subscriptions_to_resync")
-        failures = resync(ids, database=database, stripe_client=stripe_client, dry_run=args.dry_run)
+    try:
+        settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
+        database = get_database(settings)
+        stripe_client = make_stripe_client(settings)
+        if args.command == "failed-events":
+            failures = retry_failed_events(
+                database=database, stripe_client=stripe_client, dry_run=args.dry_run
+            )
+        else:
+            ids = (
+                [args.subscription]
+                if args.subscription
+                else database.call("subscriptions_to_resync")
+            )
+            failures = resync(
+                ids, database=database, stripe_client=stripe_client, dry_run=args.dry_run
+            )
+    except (ConfigError, BillingError) as error:
+        parser.exit(2, f"error: {getattr(error, 'message', error)}\n")
     return 1 if failures else 0
 
 

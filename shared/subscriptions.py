@@ -1,0 +1,192 @@
+"""Subscriptions follow Stripe: fetch the current subscription, normalise it, apply it in one SQL call.
+
+No handler trusts the copy of the subscription inside an event: events arrive late, twice and out
+of order, so each one fetches the subscription as Stripe has it NOW and stamps it with the moment
+the fetch began. `apply_subscription_state` (sql/0021) applies a state only if it was fetched
+after the stored one, and never brings an ended subscription back. Whatever the delivery order,
+the last fetch wins, and the last fetch sees Stripe's final state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import stripe
+
+from shared.db import Database
+from shared.stripe_api import stripe_errors
+
+# Stripe never brings these back: no metered item is added to them.
+ENDED_STATUSES = frozenset({"canceled", "incomplete_expired"})
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A subscription as Stripe returned it, and when the request for it began."""
+
+    subscription: dict[str, Any]
+    fetched_at: datetime
+
+
+def stripe_id(value: Any) -> str | None:
+    """The id of a reference that may be an id or an expanded object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def organisation_id(value: Any) -> str | None:
+    """`value` as a UUID string, or None: metadata is free text and must not reach a uuid cast."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def fetch_subscription(stripe_client: stripe.StripeClient, subscription_id: str) -> Fetched:
+    """The subscription as Stripe has it now, stamped with the time the request began.
+
+    The stamp is taken BEFORE the request: a fetch that began later can only see the same or a
+    newer state, so ordering applies by it never lets an older state win. Prices come embedded
+    in subscription items (`items.data.price` is not expandable), so nothing needs expanding.
+    """
+    started = datetime.now(UTC)
+    with stripe_errors():
+        subscription = stripe_client.v1.subscriptions.retrieve(subscription_id)
+    return Fetched(subscription.to_dict(), started)
+
+
+def normalise_subscription(subscription: dict[str, Any]) -> dict[str, Any]:
+    """The fields `apply_subscription_state` reads; periods live on items (API 2025+)."""
+    items = (subscription.get("items") or {}).get("data") or []
+    return {
+        "stripe_subscription_id": subscription["id"],
+        "stripe_customer_id": stripe_id(subscription.get("customer")),
+        "status": subscription.get("status"),
+        "organisation_id": organisation_id(
+            (subscription.get("metadata") or {}).get("organisation_id")
+        ),
+        "cancel_at_period_end": bool(subscription.get("cancel_at_period_end")),
+        "canceled_at": subscription.get("canceled_at"),
+        "items": [
+            {
+                "price_id": stripe_id(item.get("price")),
+                "usage_type": ((item.get("price") or {}).get("recurring") or {}).get("usage_type"),
+                "current_period_start": item.get("current_period_start"),
+                "current_period_end": item.get("current_period_end"),
+            }
+            for item in items
+        ],
+    }
+
+
+def normalise_invoice(invoice: dict[str, Any]) -> dict[str, Any]:
+    """The invoice fields that say which billing cycle's usage it billed."""
+    lines = (invoice.get("lines") or {}).get("data") or []
+    return {
+        "id": invoice["id"],
+        "created": invoice.get("created"),
+        "period_start": invoice.get("period_start"),
+        "period_end": invoice.get("period_end"),
+        "lines": [
+            {"period_start": line["period"].get("start"), "period_end": line["period"].get("end")}
+            for line in lines
+            if isinstance(line.get("period"), dict)
+        ],
+    }
+
+
+def invoice_subscription_id(invoice: dict[str, Any]) -> str | None:
+    """An invoice's subscription: `parent.subscription_details.subscription` since API 2025."""
+    details = (invoice.get("parent") or {}).get("subscription_details") or {}
+    return stripe_id(details.get("subscription"))
+
+
+def price_ids(subscription: dict[str, Any]) -> list[str]:
+    items = (subscription.get("items") or {}).get("data") or []
+    return [price for item in items if (price := stripe_id(item.get("price")))]
+
+
+def ensure_metered_item(
+    fetched: Fetched, *, database: Database, stripe_client: stripe.StripeClient
+) -> Fetched:
+    """Give a yearly plan's subscription its plan's monthly metered price, once.
+
+    Checkout cannot mix a yearly and a monthly price, so a yearly checkout ends without the metered
+    item (DESIGN.md). The items are looked at first, and the idempotency key is made of the
+    subscription and the price, so a retry, a duplicate event or a concurrent delivery adds no
+    second item. Returns the subscription re-fetched after the change (or as it was).
+    """
+    subscription = fetched.subscription
+    if subscription.get("status") in ENDED_STATUSES:
+        return fetched
+    prices = price_ids(subscription)
+    plan = database.call("plan_for_stripe_prices", p_price_ids=prices)
+    if not plan or plan["billing_period"] != "yearly" or not plan["stripe_metered_price_id"]:
+        return fetched
+    metered_price = str(plan["stripe_metered_price_id"])
+    if metered_price in prices:
+        return fetched
+    subscription_id = str(subscription["id"])
+    with stripe_errors():
+        stripe_client.v1.subscription_items.create(
+            params={"subscription": subscription_id, "price": metered_price},
+            options={"idempotency_key": f"add-metered-{subscription_id}-{metered_price}"},
+        )
+    return fetch_subscription(stripe_client, subscription_id)
+
+
+def apply_state(
+    fetched: Fetched,
+    *,
+    database: Database,
+    event_id: str | None = None,
+    organisation: str | None = None,
+    invoice: dict[str, Any] | None = None,
+    actor: str = "stripe-webhook",
+) -> dict[str, Any]:
+    """Apply a fetched state (and mark `event_id` processed) in one SQL call; its result."""
+    result: dict[str, Any] = database.call(
+        "apply_subscription_state",
+        p_state=normalise_subscription(fetched.subscription),
+        p_state_at=fetched.fetched_at.isoformat(),
+        p_event_id=event_id,
+        p_organisation_id=organisation,
+        p_invoice=invoice,
+        p_actor=actor,
+    )
+    return result
+
+
+def sync_subscription(
+    subscription_id: str,
+    *,
+    database: Database,
+    stripe_client: stripe.StripeClient,
+    event_id: str | None = None,
+    organisation: str | None = None,
+    invoice: dict[str, Any] | None = None,
+    add_metered_item: bool = False,
+    actor: str = "stripe-webhook",
+) -> dict[str, Any]:
+    """Fetch the subscription from Stripe and apply its current state; the SQL result.
+
+    `organisation` is the owner named by a checkout session; `invoice` (normalised) closes the
+    cycle it billed; `add_metered_item` completes a yearly checkout.
+    """
+    fetched = fetch_subscription(stripe_client, subscription_id)
+    if add_metered_item:
+        fetched = ensure_metered_item(fetched, database=database, stripe_client=stripe_client)
+    return apply_state(
+        fetched,
+        database=database,
+        event_id=event_id,
+        organisation=organisation,
+        invoice=invoice,
+        actor=actor,
+    )

@@ -1,0 +1,219 @@
+"""Stripe webhooks: verify the signature, record the event once in the ledger, dispatch it.
+
+    read_event_body(request)                   413 over MAX_EVENT_BYTES, before anything is parsed
+    verify_event(body, signature, secrets)     400 unless one of the secrets signed this body in
+                                               the last 300 s; 400 when it is not an event
+    process_event(event, database, client)     claim in `stripe_events` -> handler -> processed |
+                                               ignored | duplicate; a failure is stored, then raised
+
+Stripe delivers at least once, in any order, and retries any non-2xx for days. So: an answer of
+200 means the effect is committed (the `processed` mark is written in the same SQL call as the
+effect); every failure is stored on the event row and answered 5xx, and its retry (or
+`python -m ops.repair failed-events`) claims the row again.
+
+A 5xx only where a retry can succeed: Stripe or the database down, the event in progress in
+another delivery, a price the catalog does not know yet (503 unknown_price). An event with nothing
+of ours in it (an organisation we do not have, a customer no organisation owns and no
+organisation_id metadata, an invoice without a subscription) is answered 200 `ignored` and keeps
+the reason on its row: no retry could change it, and the checkout that links an organisation
+carries the organisation itself, so ignoring an early subscription event loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import flask
+import stripe
+from pydantic import BaseModel, Field, StrictInt, ValidationError
+
+from shared.db import Database
+from shared.errors import BadRequest, BillingError, PayloadTooLarge
+from shared.stripe_api import describe
+from shared.subscriptions import (
+    invoice_subscription_id,
+    normalise_invoice,
+    organisation_id,
+    stripe_id,
+    sync_subscription,
+)
+
+# Stripe's events are kilobytes; 512 KiB leaves ample room (metadata is capped at 50 keys of 500
+# characters) while an oversized body is refused with 413 before it is read, verified or parsed.
+MAX_EVENT_BYTES = 512 * 1024
+SIGNATURE_TOLERANCE_SECONDS = 300
+
+
+class _EventData(BaseModel):
+    object: dict[str, Any]
+
+
+class _Event(BaseModel):
+    id: str = Field(pattern=r"^evt_[A-Za-z0-9_]+$", max_length=255)
+    type: str = Field(min_length=1, max_length=200)
+    created: StrictInt = Field(ge=0)
+    data: _EventData
+
+
+def read_event_body(request: flask.Request) -> bytes:
+    """The raw body, exactly as signed; 413 when larger than MAX_EVENT_BYTES."""
+    too_large = PayloadTooLarge(
+        f"The body is larger than {MAX_EVENT_BYTES} bytes; Stripe events are far smaller."
+    )
+    if request.content_length is not None and request.content_length > MAX_EVENT_BYTES:
+        raise too_large
+    body = request.get_data()
+    if len(body) > MAX_EVENT_BYTES:
+        raise too_large
+    return body
+
+
+def _signed_by(payload: str, signature: str | None, secret: str) -> bool:
+    try:
+        stripe.WebhookSignature.verify_header(
+            payload, signature, secret, SIGNATURE_TOLERANCE_SECONDS
+        )
+    except stripe.SignatureVerificationError:
+        return False
+    return True
+
+
+def verify_event(body: bytes, signature: str | None, secrets: Sequence[str]) -> dict[str, Any]:
+    """The event in `body` if one of `secrets` signed it in the last 300 s (any, while rolling)."""
+    try:
+        payload = body.decode("utf-8")
+    except UnicodeDecodeError:
+        payload = None
+    if payload is None or not any(_signed_by(payload, signature, secret) for secret in secrets):
+        raise BadRequest(
+            "The Stripe-Signature header is missing, does not match the body, or is older than"
+            f" {SIGNATURE_TOLERANCE_SECONDS} seconds.",
+            code="invalid_signature",
+        )
+    try:
+        event = json.loads(payload)
+    except ValueError as exc:
+        raise BadRequest("The body is not valid JSON.", code="invalid_json") from exc
+    try:
+        _Event.model_validate(event)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise BadRequest(
+            f"The body is not a Stripe event ({field}: {first['msg']}).", code="invalid_event"
+        ) from exc
+    return dict(event)
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """What a handler needs besides the event's object."""
+
+    event_id: str
+    database: Database
+    stripe_client: stripe.StripeClient
+
+
+def _ignore(context: EventContext, reason: str) -> str:
+    context.database.call("ignore_stripe_event", p_id=context.event_id, p_reason=reason)
+    return "ignored"
+
+
+def _sync(context: EventContext, subscription_id: str, **options: Any) -> str:
+    result = sync_subscription(
+        subscription_id,
+        database=context.database,
+        stripe_client=context.stripe_client,
+        event_id=context.event_id,
+        **options,
+    )
+    return str(result["status"])
+
+
+def on_checkout_completed(session: dict[str, Any], context: EventContext) -> str:
+    """The organisation gets its customer, its subscription and its first cycle; a yearly plan its
+    metered item. A session that is not ours (no organisation, no subscription) is ignored."""
+    subscription_id = stripe_id(session.get("subscription"))
+    if session.get("mode") != "subscription" or subscription_id is None:
+        return _ignore(context, f"checkout session {session.get('id')} created no subscription")
+    organisation = organisation_id(
+        (session.get("metadata") or {}).get("organisation_id")
+    ) or organisation_id(session.get("client_reference_id"))
+    if organisation is None:
+        return _ignore(
+            context,
+            f"checkout session {session.get('id')} names no organisation"
+            " (metadata.organisation_id or client_reference_id)",
+        )
+    return _sync(context, subscription_id, organisation=organisation, add_metered_item=True)
+
+
+def on_subscription_event(subscription: dict[str, Any], context: EventContext) -> str:
+    """created / updated / deleted: the subscription's current state, whatever the event held."""
+    subscription_id = stripe_id(subscription.get("id"))
+    if subscription_id is None:
+        return _ignore(context, "the event's subscription has no id")
+    return _sync(context, subscription_id)
+
+
+def on_invoice_event(invoice: dict[str, Any], context: EventContext, *, paid: bool) -> str:
+    """paid: the renewal's cycle opens (from the fetched state) and the billed one closes with the
+    invoice id. payment_failed: the subscription's state (past_due) as Stripe has it now."""
+    subscription_id = invoice_subscription_id(invoice)
+    if subscription_id is None:
+        return _ignore(context, f"invoice {invoice.get('id')} belongs to no subscription")
+    return _sync(context, subscription_id, invoice=normalise_invoice(invoice) if paid else None)
+
+
+Handler = Callable[[dict[str, Any], EventContext], str]
+
+HANDLERS: dict[str, Handler] = {
+    "checkout.session.completed": on_checkout_completed,
+    "customer.subscription.created": on_subscription_event,
+    "customer.subscription.updated": on_subscription_event,
+    "customer.subscription.deleted": on_subscription_event,
+    "invoice.paid": partial(on_invoice_event, paid=True),
+    "invoice.payment_failed": partial(on_invoice_event, paid=False),
+}
+
+
+def failure_reason(error: BaseException) -> str:
+    """What an operator needs on the event row: Stripe's account of its error, or ours."""
+    cause = error.__cause__
+    if isinstance(cause, stripe.StripeError):
+        return describe(cause)
+    if isinstance(error, BillingError):
+        return f"{error.code}: {error.message}"[:2000]
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+def process_event(
+    event: dict[str, Any], *, database: Database, stripe_client: stripe.StripeClient
+) -> str:
+    """'processed', 'ignored' or 'duplicate'. A failure is stored on the event row, then raised.
+
+    A duplicate that finds the event claimed by another delivery within the lease gets 503
+    event_in_progress from `claim_stripe_event`: Stripe retries it, and it is a no-op then.
+    """
+    handler = HANDLERS.get(event["type"])
+    claim = database.call(
+        "claim_stripe_event",
+        p_id=event["id"],
+        p_type=event["type"],
+        p_created=event["created"],
+        p_payload=event,
+        p_handled=handler is not None,
+    )
+    if handler is None or claim["status"] != "claimed":
+        return str(claim["status"])  # 'ignored' or 'duplicate'
+    context = EventContext(event["id"], database, stripe_client)
+    try:
+        return handler(event["data"]["object"], context)
+    except Exception as error:
+        # Recorded, then re-raised: the answer is a 5xx and Stripe retries.
+        database.call("fail_stripe_event", p_id=event["id"], p_error=failure_reason(error))
+        raise
