@@ -1,0 +1,333 @@
+"""A customer's whole life over HTTP: the real functions as servers (functions-framework), the
+Stripe stand-in sending signed webhooks, Postgres; rows and the stand-in's invoices at each step.
+
+This is `./deploy.sh local`'s own stack (devtools.local), so the newcomer's path is what is tested.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from devtools.local import DEMO_ORG_ID, Stack, local_secrets, owner_token, running
+from tests.conftest import create_database
+from tests.openapi_check import assert_documented
+
+
+def free_port_block(size: int) -> int:
+    """A base port with `size` free ports after it (good enough on a quiet test machine)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            base = sock.getsockname()[1]
+        if base + size < 65000 and all(_free(base + i) for i in range(size + 1)):
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture(scope="module")
+def stack(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    base = free_port_block(6)
+    with running(
+        tmp_path_factory.mktemp("local"),
+        port_base=base,
+        stripe_port=base + 5,
+        database_url=create_database(pg_server_url),
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def db(stack: Stack) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    with psycopg.connect(stack.env["DATABASE_URL"], autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+class Client:
+    """Talks to the running functions the way the frontend, the agent and Stripe do."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.http = httpx.Client(timeout=30)
+        keys = local_secrets(stack.data)
+        self.service = {"Authorization": f"Bearer {keys['service_key']}"}
+        self.owner = {"Authorization": f"Bearer {owner_token(keys['jwt_secret'])}"}
+
+    def call(self, name: str, method: str, *, expect: int, **kwargs: Any) -> Any:
+        response = self.http.request(method, self.stack.urls[name], **kwargs)
+        body = response.json()
+        assert response.status_code == expect, body
+        assert_documented(f"/{name}", method, response.status_code, body)
+        return body
+
+    def standin(self, path: str, **body: Any) -> Any:
+        response = self.http.post(f"{self.stack.stripe_base}/_standin/{path}", json=body)
+        assert response.status_code == 200, response.text
+        result = response.json()
+        for delivery in result.get("deliveries", []):
+            assert delivery["status_code"] == 200, delivery
+        return result
+
+    def stripe_state(self) -> dict[str, Any]:
+        """The stand-in's objects by kind and id (meter events by identifier)."""
+        state = self.http.get(f"{self.stack.stripe_base}/_standin/state").json()
+        by_id = {
+            kind: {obj["id"]: obj for obj in objects}
+            for kind, objects in state.items()
+            if isinstance(objects, list) and kind != "meter_events" and kind != "events"
+        }
+        by_id["meter_events"] = {e["identifier"]: e for e in state["meter_events"]}
+        by_id["checkout_orders"] = state["checkout_orders"]
+        return by_id
+
+    def report(self, org: str, call_id: str, seconds: float, expect: int = 201) -> Any:
+        return self.call(
+            "report-usage",
+            "POST",
+            expect=expect,
+            headers=self.service,
+            json={"org_id": org, "call_id": call_id, "call_duration_seconds": seconds},
+        )
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Client:
+    return Client(stack)
+
+
+def plan(db: psycopg.Connection[dict[str, Any]], name: str) -> dict[str, Any]:
+    row = db.execute("select * from billing_plans where name = %s", (name,)).fetchone()
+    assert row is not None
+    return row
+
+
+def subscription(db: psycopg.Connection[dict[str, Any]], org: str) -> dict[str, Any]:
+    row = db.execute(
+        "select * from subscriptions where organisation_id = %s order by created_at desc limit 1",
+        (org,),
+    ).fetchone()
+    assert row is not None
+    return row
+
+
+def cycles(db: psycopg.Connection[dict[str, Any]], org: str) -> list[dict[str, Any]]:
+    return db.execute(
+        "select * from billing_cycles where organisation_id = %s order by period_start", (org,)
+    ).fetchall()
+
+
+def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Webhooks that Stripe sends after answering a call arrive a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_monthly_customer_life(client: Client, db: psycopg.Connection[dict[str, Any]]) -> None:
+    starter = plan(db, "Starter")
+
+    # Before buying: the agent may not place calls.
+    cycle = client.call(
+        "report-usage", "GET", expect=200, headers=client.service, params={"org_id": DEMO_ORG_ID}
+    )
+    assert cycle["allowed"] is False and cycle["plan"] is None
+
+    # The owner buys Starter monthly; a double click gets the same session.
+    order = {"plan_id": str(starter["id"]), "billing_period": "monthly"}
+    first = client.call(
+        "create-checkout-session", "POST", expect=200, headers=client.owner, json=order
+    )
+    again = client.call(
+        "create-checkout-session", "POST", expect=200, headers=client.owner, json=order
+    )
+    assert again == first
+    lines = client.stripe_state()["checkout_orders"][first["session_id"]]["lines"]
+    assert [line["price"] for line in lines][:2] == [
+        starter["stripe_price_id"],
+        starter["stripe_metered_price_id"],
+    ]
+
+    # The customer pays: Stripe sends checkout.session.completed, subscription.created, invoice.paid.
+    paid = client.standin(f"checkout_sessions/{first['session_id']}/complete")
+    sub = subscription(db, DEMO_ORG_ID)
+    assert (sub["status"], sub["billing_period"], sub["plan_id"]) == (
+        "active",
+        "monthly",
+        starter["id"],
+    )
+    assert sub["stripe_subscription_id"] == paid["subscription"]
+    [opened] = cycles(db, DEMO_ORG_ID)
+    assert (opened["status"], opened["included_minutes"], opened["minutes_used"]) == (
+        "active",
+        500,
+        0,
+    )
+    first_invoice = client.stripe_state()["invoices"][paid["invoice"]]
+    assert first_invoice["amount_paid"] == 20400 + 24900  # flat fee + setup fee, no usage yet
+
+    # Buying again is refused while subscribed.
+    client.call("create-checkout-session", "POST", expect=409, headers=client.owner, json=order)
+
+    # Usage under the included minutes, then over; a retry counts nothing twice.
+    call = uuid.uuid4().hex[:8]
+    small = client.report(DEMO_ORG_ID, f"{call}-1", 700)
+    assert (small["billed_minutes"], small["minutes_used"], small["alerts"]) == (12, 12, [])
+    assert small["meter_status"] == "sent"
+    big = client.report(DEMO_ORG_ID, f"{call}-2", 36000)
+    assert (big["minutes_used"], big["overage_minutes"], big["overage_cost_cents"]) == (
+        612,
+        112,
+        5600,
+    )
+    assert big["alerts"] == [80, 100, 120]
+    repeat = client.report(DEMO_ORG_ID, f"{call}-2", 36000, expect=200)
+    assert repeat["duplicate"] is True and repeat["minutes_used"] == 612
+    cycle = client.call(
+        "report-usage", "GET", expect=200, headers=client.service, params={"org_id": DEMO_ORG_ID}
+    )
+    assert (cycle["allowed"], cycle["minutes_used"], cycle["plan"]["name"]) == (
+        True,
+        612,
+        "Starter",
+    )
+    alerts = db.execute(
+        "select threshold_percent from usage_alerts where billing_cycle_id = %s order by 1",
+        (opened["id"],),
+    ).fetchall()
+    assert [a["threshold_percent"] for a in alerts] == [80, 100, 120]
+    values = sorted(
+        int(event["payload"]["value"])
+        for event in client.stripe_state()["meter_events"].values()
+        if event["payload"]["stripe_customer_id"] == sub["stripe_customer_id"]
+    )
+    assert values == [12, 600]
+
+    # Renewal: the overage is invoiced (graduated price: 112 minutes x 0.50), a new cycle opens.
+    renewal = client.standin(f"subscriptions/{sub['stripe_subscription_id']}/advance")
+    invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+    usage_lines = [line for line in invoice["lines"]["data"] if line["quantity"] == 612]
+    assert [line["amount"] for line in usage_lines] == [5600]
+    assert invoice["amount_paid"] == 20400 + 5600
+    closed, current = cycles(db, DEMO_ORG_ID)
+    assert (closed["status"], closed["minutes_used"], closed["stripe_invoice_id"]) == (
+        "closed",
+        612,
+        renewal["invoice"],
+    )
+    assert (current["status"], current["minutes_used"]) == ("active", 0)
+    assert current["period_start"] == closed["period_end"]
+
+    # A failed payment, then recovery.
+    failed = client.standin(f"subscriptions/{sub['stripe_subscription_id']}/advance", fail=True)
+    assert subscription(db, DEMO_ORG_ID)["status"] == "past_due"
+    client.standin(f"invoices/{failed['invoice']}/pay")
+    assert subscription(db, DEMO_ORG_ID)["status"] == "active"
+    changes = db.execute(
+        "select details from audit_log where organisation_id = %s and action like 'subscription.%%'",
+        (DEMO_ORG_ID,),
+    ).fetchall()
+    assert any(
+        c["details"]["before"].get("status") == "active"
+        and c["details"]["after"].get("status") == "past_due"
+        for c in changes
+        if c["details"].get("before")
+    )
+
+    # The owner opens the portal; then the subscription is canceled.
+    portal = client.call("create-portal-session", "POST", expect=200, headers=client.owner, json={})
+    assert portal["portal_url"].startswith(client.stack.stripe_base or "")
+    client.standin(f"subscriptions/{sub['stripe_subscription_id']}/cancel")
+    ended = subscription(db, DEMO_ORG_ID)
+    assert ended["status"] == "canceled" and ended["canceled_at"] is not None
+    assert all(c["status"] == "closed" for c in cycles(db, DEMO_ORG_ID))
+    cycle = client.call(
+        "report-usage", "GET", expect=200, headers=client.service, params={"org_id": DEMO_ORG_ID}
+    )
+    assert cycle["allowed"] is False
+
+
+def test_yearly_customer_gets_the_monthly_metered_item(
+    client: Client, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    growth = plan(db, "Growth")
+    owner, org = str(uuid.uuid4()), str(uuid.uuid4())
+    db.execute("insert into auth.users (id, email) values (%s, 'y@example.com')", (owner,))
+    db.execute(
+        "insert into organisations (id, name, owner_id) values (%s, 'Yearly Ltd', %s)", (org, owner)
+    )
+    db.execute("insert into organisation_members values (%s, %s, 'owner')", (org, owner))
+    headers = {"Authorization": f"Bearer {_token_for(client, owner)}"}
+    order = {"plan_id": str(growth["id"]), "billing_period": "yearly"}
+    session = client.call(
+        "create-checkout-session", "POST", expect=200, headers=headers, json=order
+    )
+    lines = client.stripe_state()["checkout_orders"][session["session_id"]]["lines"]
+    assert [line["price"] for line in lines] == [
+        growth["stripe_yearly_price_id"],
+        client.stack.env["STRIPE_SETUP_FEE_PRICE_ID"],
+    ]
+    paid = client.standin(f"checkout_sessions/{session['session_id']}/complete")
+
+    def metered_item_added() -> None:
+        items = client.stripe_state()["subscriptions"][paid["subscription"]]["items"]["data"]
+        prices = sorted(item["price"]["id"] for item in items)
+        assert prices == sorted(
+            [growth["stripe_yearly_price_id"], growth["stripe_metered_price_id"]]
+        )
+
+    eventually(metered_item_added)
+    sub = subscription(db, org)
+    assert (sub["billing_period"], sub["plan_id"], sub["status"]) == (
+        "yearly",
+        growth["id"],
+        "active",
+    )
+    [cycle] = eventually(lambda: _one_cycle(db, org))
+    assert cycle["included_minutes"] == 1000
+    assert (cycle["period_end"] - cycle["period_start"]).days in range(28, 32)  # monthly usage
+    result = client.report(org, "yearly-call-1", 90)
+    assert (result["billed_minutes"], result["minutes_used"], result["meter_status"]) == (
+        2,
+        2,
+        "sent",
+    )
+
+
+def _one_cycle(db: psycopg.Connection[dict[str, Any]], org: str) -> list[dict[str, Any]]:
+    found = cycles(db, org)
+    assert len(found) == 1
+    return found
+
+
+def _token_for(client: Client, user_id: str) -> str:
+    from jose import jwt
+
+    now = int(time.time())
+    claims = {
+        "sub": user_id,
+        "aud": "authenticated",
+        "role": "authenticated",
+        "iat": now,
+        "exp": now + 600,
+    }
+    return str(
+        jwt.encode(claims, local_secrets(client.stack.data)["jwt_secret"], algorithm="HS256")
+    )
