@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +125,7 @@ class Stack:
     stripe_base: str | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stops: list[Any] = field(default_factory=list)
+    _had_database: bool = False
 
     def start(self, *, real_stripe_key: str | None = None) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
@@ -135,6 +139,7 @@ class Stack:
                 f"ports {busy} on 127.0.0.1 are in use: stop what runs there or pick"
                 " --port-base / --stripe-port"
             )
+        self._had_database = (self.data / "pgdata").exists()
         database_url = self._start_postgres()
         webhook_url = f"http://127.0.0.1:{self.port_base + 2}/"
         self.env = {
@@ -183,9 +188,19 @@ class Stack:
         from devtools.stripe_standin import create_app
 
         app = create_app(webhook_url, webhook_secret)
+        # Stripe's side is kept beside the database, so a second run finds its customers again.
+        saved = self.data / "stripe-standin.json"
+        if not saved.exists() and self._had_database:
+            print(
+                "warning: the Stripe stand-in's state of the previous run is missing, so the"
+                " customers in the database are unknown to it; `./deploy.sh local --reset`"
+                " starts over"
+            )
+        app.state.load(saved)
         server = make_server("127.0.0.1", self.stripe_port, app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, name="stripe-standin", daemon=True)
         thread.start()
+        self._stops.append(lambda: app.state.save(saved))
         self._stops.append(server.shutdown)
         return f"http://127.0.0.1:{self.stripe_port}"
 
@@ -304,17 +319,25 @@ curl -s -X POST {standin}/_standin/invoices/$INVOICE/pay      # INVOICE from the
 curl -s -X POST {standin}/_standin/subscriptions/$SUB/cancel
 curl -s {standin}/_standin/state | python3 -m json.tool | less   # Stripe's side: invoices, meter events
 
-# the rows (what the dashboard reads under RLS)
+# the rows (what the dashboard reads under RLS), with psql if you have it
 psql "{stack.env["DATABASE_URL"]}" -c 'table subscriptions' -c 'table billing_cycles'
 """)
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per stand-in request
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / ".local")
     parser.add_argument("--port-base", type=int, default=8080)
     parser.add_argument("--stripe-port", type=int, default=12111)
+    parser.add_argument(
+        "--reset", action="store_true", help="forget the previous runs' data (.local) first"
+    )
     args = parser.parse_args()
+    if args.reset and args.data.exists():
+        shutil.rmtree(args.data)
+        print(f"removed {args.data}: starting from scratch")
     real_key = os.environ.get("STRIPE_SECRET_KEY")
     if real_key and not real_key.startswith("sk_test_"):
         raise SystemExit("STRIPE_SECRET_KEY must be a test-mode key (sk_test_...) for local runs.")

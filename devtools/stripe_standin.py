@@ -280,6 +280,21 @@ class State:
         self.store[obj["object"]][obj["id"]] = obj
         return obj
 
+    SAVED = ("store", "session_orders", "meter_events", "billed", "event_log", "idempotency")
+
+    def save(self, path: Path) -> None:
+        """Write everything to `path` (local runs keep Stripe's side next to their database)."""
+        with self.lock:
+            path.write_text(json.dumps({name: getattr(self, name) for name in self.SAVED}))
+
+    def load(self, path: Path) -> None:
+        """Read what `save` wrote, if anything."""
+        if path.exists():
+            saved = json.loads(path.read_text())
+            with self.lock:
+                for name in self.SAVED:
+                    getattr(self, name).update(saved.get(name, {}))
+
     def dump(self) -> Json:
         names = {"billing.meter": "meters", "checkout.session": "checkout_sessions"}
         out: Json = {names.get(k, k + "s"): list(v.values()) for k, v in self.store.items()}
