@@ -264,3 +264,53 @@ def test_migrate_command_prints_what_it_applied(pg_server_url):
         [sys.executable, "-m", "ops.migrate"], cwd=ROOT, env={}, capture_output=True, text=True
     )
     assert missing.returncode != 0 and "DATABASE_URL" in missing.stderr
+
+
+# What end users may do, table by table: exactly this and nothing more (RLS then picks the rows).
+END_USER_PRIVILEGES = {
+    "organisations": ({"SELECT"}, set()),
+    "organisation_members": ({"SELECT"}, set()),
+    "subscriptions": ({"SELECT"}, set()),
+    "billing_cycles": ({"SELECT"}, set()),
+    "usage_records": ({"SELECT"}, set()),
+    "usage_alerts": ({"SELECT"}, set()),
+    "audit_log": ({"SELECT"}, set()),
+    "billing_plans": ({"SELECT"}, {"SELECT"}),
+}
+
+
+def test_end_user_grants_are_exactly_what_they_need(db):
+    grants: dict[tuple[str, str], set[str]] = {}
+    for row in db.execute(
+        "select table_name, grantee, privilege_type from information_schema.role_table_grants"
+        " where table_schema = 'public' and grantee in ('anon', 'authenticated')"
+    ):
+        grants.setdefault((row["table_name"], row["grantee"]), set()).add(row["privilege_type"])
+    tables = [
+        row["relname"]
+        for row in db.execute(
+            "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+            " where n.nspname = 'public' and c.relkind = 'r'"
+        )
+    ]
+    for table in tables:
+        authenticated, anon = END_USER_PRIVILEGES.get(table, (set(), set()))
+        assert grants.get((table, "authenticated"), set()) == authenticated, table
+        assert grants.get((table, "anon"), set()) == anon, table
+    sequences = db.execute(
+        "select sequence_name from information_schema.sequences where sequence_schema = 'public'"
+        " and (has_sequence_privilege('anon', 'public.' || sequence_name, 'usage')"
+        "   or has_sequence_privilege('authenticated', 'public.' || sequence_name, 'usage'))"
+    ).fetchall()
+    assert sequences == []
+
+
+def test_every_table_end_users_read_has_a_policy(db):
+    """A SELECT grant with RLS on and no policy would hide rows members should see."""
+    for table, (authenticated, _) in END_USER_PRIVILEGES.items():
+        policies = db.execute(
+            "select count(*) as n from pg_policies where schemaname = 'public' and tablename = %s"
+            " and cmd in ('SELECT', 'ALL') and permissive = 'PERMISSIVE'",
+            (table,),
+        ).fetchone()
+        assert policies["n"] >= 1, table
