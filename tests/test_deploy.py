@@ -117,3 +117,34 @@ def test_functions_dry_run_prints_one_gcloud_deploy_per_function():
     bundle = ROOT / ".local" / "bundles" / "report-usage"
     assert (bundle / "main.py").exists() and (bundle / "shared" / "db.py").exists()
     assert "stripe" in (bundle / "requirements.txt").read_text()
+
+
+@pytest.mark.parametrize("command", ["repair-events", "resync"])
+def test_repair_commands_stop_naming_the_missing_variable(command):
+    run = deploy(command)
+    assert run.returncode != 0 and "DATABASE_URL" in run.stderr
+
+
+def test_scheduled_commands_run_against_a_database_and_stripe(pg_server_url):
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from devtools.stripe_standin import serve_in_thread
+    from ops.migrate import migrate
+
+    url = create_database(pg_server_url)
+    with redirect_stdout(StringIO()):
+        migrate(url)
+    base, stop = serve_in_thread(None, "whsec_unused")
+    env = {"DATABASE_URL": url, "STRIPE_SECRET_KEY": "sk_test_ops", "STRIPE_API_BASE": base}
+    try:
+        flush = deploy("flush-usage", **env)
+        assert flush.returncode == 0, flush.stderr
+        assert "meter events: sent 0, kept pending 0, failed 0" in flush.stdout
+        repair = deploy("repair-events", "--dry-run", **env)
+        assert repair.returncode == 0, repair.stderr
+        assert "no failed events" in repair.stdout
+        resync = deploy("resync", **env)
+        assert resync.returncode == 0, resync.stderr
+    finally:
+        stop()
