@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from ops.migrate import migrate  # noqa: E402
 
-FIXTURE = json.loads((ROOT.parent / "shared" / "stripe" / "fixtures3.json").read_text())[
+FIXTURE = json.loads((ROOT / "devtools" / "stripe_fixtures" / "fixtures3.json").read_text())[
     "resources"
 ]["billing.meter_event"]
 SERVICE_KEY = "bench_service_role_key_0123456789abcdef"

@@ -55,7 +55,7 @@ log = logging.getLogger("stripe_standin")
 API_VERSION = "2026-10-28.endive"
 FIXTURES_PATH = Path(
     os.environ.get("STRIPE_FIXTURES_PATH")
-    or Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
+    or Path(__file__).resolve().parent / "stripe_fixtures" / "fixtures3.json"
 )
 METER_EVENT_WINDOW = (35 * 86400, 300)  # Stripe: at most 35 days old, 5 minutes ahead
 PRORATION_BEHAVIORS = {"create_prorations", "none", "always_invoice"}

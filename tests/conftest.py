@@ -21,7 +21,7 @@ from psycopg.rows import dict_row, tuple_row
 from ops.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = json.loads((ROOT.parent / "shared" / "stripe" / "fixtures3.json").read_text())[
+FIXTURES = json.loads((ROOT / "devtools" / "stripe_fixtures" / "fixtures3.json").read_text())[
     "resources"
 ]
 

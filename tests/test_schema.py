@@ -307,7 +307,7 @@ def test_end_user_grants_are_exactly_what_they_need(db):
 
 def test_every_table_end_users_read_has_a_policy(db):
     """A SELECT grant with RLS on and no policy would hide rows members should see."""
-    for table, (authenticated, _) in END_USER_PRIVILEGES.items():
+    for table in END_USER_PRIVILEGES:
         policies = db.execute(
             "select count(*) as n from pg_policies where schemaname = 'public' and tablename = %s"
             " and cmd in ('SELECT', 'ALL') and permissive = 'PERMISSIVE'",
