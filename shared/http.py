@@ -94,7 +94,7 @@ def read_json(request: flask.Request) -> Any:
     try:
         # NaN and Infinity parse to floats on purpose: the models refuse them naming the field.
         return json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: Recursion
         raise BadRequest("The body is not valid JSON.", code="invalid_json") from exc
 
 

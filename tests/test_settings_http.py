@@ -70,6 +70,8 @@ def call(method="POST", data=b"{}"):
         ("POST", b'{"minutes": 1e999}', 422, "validation_error"),
         ("POST", b'{"minutes": 7}', 409, "already_taken"),
         ("POST", b"x" * 70_000, 413, "payload_too_large"),
+        ("POST", b"[" * 30_000 + b"]" * 30_000, 400, "invalid_json"),
+        ("POST", b"\xff\xfe", 400, "invalid_json"),
     ],
 )
 def test_errors_have_one_shape(method, data, status, code):
