@@ -66,7 +66,7 @@ def resync(
     failures = 0
     for subscription_id in subscription_ids:
         try:
-            fetched = fetch_subscription(stripe_client, subscription_id)
+            fetched = fetch_subscription(stripe_client, subscription_id, database=database)
             if dry_run:
                 state = normalise_subscription(fetched.subscription)
                 prices = ", ".join(str(item["price_id"]) for item in state["items"])

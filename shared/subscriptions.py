@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import stripe
@@ -48,14 +48,19 @@ def organisation_id(value: Any) -> str | None:
         return None
 
 
-def fetch_subscription(stripe_client: stripe.StripeClient, subscription_id: str) -> Fetched:
+def fetch_subscription(
+    stripe_client: stripe.StripeClient, subscription_id: str, *, database: Database
+) -> Fetched:
     """The subscription as Stripe has it now, stamped with the time the request began.
 
-    The stamp is taken BEFORE the request: a fetch that began later can only see the same or a
-    newer state, so ordering applies by it never lets an older state win. Prices come embedded
-    in subscription items (`items.data.price` is not expandable), so nothing needs expanding.
+    The stamp is taken BEFORE the request, from the database's clock: a fetch that began later
+    can only see the same or a newer state, so ordering applies by it never lets an older state
+    win. One clock for every function instance and operator machine: a machine whose clock runs
+    fast would otherwise stamp its fetch "later" than fetches made after it, and the newer states
+    those saw would be refused. Prices come embedded in subscription items (`items.data.price`
+    is not expandable), so nothing needs expanding.
     """
-    started = datetime.now(UTC)
+    started = datetime.fromisoformat(str(database.call("stripe_fetch_started_at")))
     with stripe_errors():
         subscription = stripe_client.v1.subscriptions.retrieve(subscription_id)
     return Fetched(subscription.to_dict(), started)
@@ -86,19 +91,30 @@ def normalise_subscription(subscription: dict[str, Any]) -> dict[str, Any]:
 
 
 def normalise_invoice(invoice: dict[str, Any]) -> dict[str, Any]:
-    """The invoice fields that say which billing cycle's usage it billed."""
-    lines = (invoice.get("lines") or {}).get("data") or []
-    return {
-        "id": invoice["id"],
-        "created": invoice.get("created"),
-        "period_start": invoice.get("period_start"),
-        "period_end": invoice.get("period_end"),
-        "lines": [
-            {"period_start": line["period"].get("start"), "period_end": line["period"].get("end")}
-            for line in lines
-            if isinstance(line.get("period"), dict)
-        ],
-    }
+    """The invoice's usage lines: the ones that say which billing cycle's usage it billed.
+
+    A usage line is a subscription item's own line (`parent.type` subscription_item_details),
+    not a proration; `pricing.price_details.price` says which price (SQL keeps the metered ones).
+    Prorations and invoice items (metered usage billed early at a price change, a setup fee) bill
+    part of a period or none, and the invoice's own period_start/period_end is not a service
+    period: none of them closes a cycle.
+    """
+    usage = []
+    for line in (invoice.get("lines") or {}).get("data") or []:
+        parent = line.get("parent") or {}
+        item = parent.get("subscription_item_details") or {}
+        period = line.get("period") or {}
+        if parent.get("type") != "subscription_item_details" or item.get("proration"):
+            continue
+        price = ((line.get("pricing") or {}).get("price_details") or {}).get("price")
+        usage.append(
+            {
+                "price_id": stripe_id(price),
+                "period_start": period.get("start"),
+                "period_end": period.get("end"),
+            }
+        )
+    return {"id": invoice["id"], "created": invoice.get("created"), "lines": usage}
 
 
 def invoice_subscription_id(invoice: dict[str, Any]) -> str | None:
@@ -138,7 +154,7 @@ def ensure_metered_item(
             params={"subscription": subscription_id, "price": metered_price},
             options={"idempotency_key": f"add-metered-{subscription_id}-{metered_price}"},
         )
-    return fetch_subscription(stripe_client, subscription_id)
+    return fetch_subscription(stripe_client, subscription_id, database=database)
 
 
 def apply_state(
@@ -179,7 +195,7 @@ def sync_subscription(
     `organisation` is the owner named by a checkout session; `invoice` (normalised) closes the
     cycle it billed; `add_metered_item` completes a yearly checkout.
     """
-    fetched = fetch_subscription(stripe_client, subscription_id)
+    fetched = fetch_subscription(stripe_client, subscription_id, database=database)
     if add_metered_item:
         fetched = ensure_metered_item(fetched, database=database, stripe_client=stripe_client)
     return apply_state(

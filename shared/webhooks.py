@@ -47,6 +47,13 @@ from shared.subscriptions import (
 MAX_EVENT_BYTES = 512 * 1024
 SIGNATURE_TOLERANCE_SECONDS = 300
 
+# Keys whose values are secrets or bearer links (whoever has one can act on the object: a
+# session's or intent's client_secret, a Checkout or recovery `url`, an invoice's hosted page
+# and PDF). The ledger keeps the event without them; no handler reads them.
+SECRET_KEYS = frozenset(
+    {"client_secret", "url", "hosted_invoice_url", "invoice_pdf", "receipt_url"}
+)
+
 
 class _EventData(BaseModel):
     object: dict[str, Any]
@@ -181,6 +188,20 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+def without_secrets(value: Any) -> Any:
+    """`value` with every string under a SECRET_KEYS key replaced by "[redacted]"."""
+    if isinstance(value, dict):
+        return {
+            key: "[redacted]"
+            if key in SECRET_KEYS and isinstance(item, str) and item
+            else without_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [without_secrets(item) for item in value]
+    return value
+
+
 def failure_reason(error: BaseException) -> str:
     """What an operator needs on the event row: Stripe's account of its error, or ours."""
     cause = error.__cause__
@@ -205,7 +226,7 @@ def process_event(
         p_id=event["id"],
         p_type=event["type"],
         p_created=event["created"],
-        p_payload=event,
+        p_payload=without_secrets(event),
         p_handled=handler is not None,
     )
     if handler is None or claim["status"] != "claimed":

@@ -8,6 +8,7 @@ import hmac
 import json
 import threading
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -547,3 +548,70 @@ def test_the_ledger_and_apply_run_as_supabase_service_role(db, buyer):
     assert claim["status"] == "claimed"
     assert result["created"] is True and result["subscription_status"] == "active"
     assert cycles == 1
+
+
+def test_a_repair_run_on_a_machine_with_a_fast_clock_does_not_block_later_events(
+    db, webhook, stripe_api, buyer, monkeypatch, capsys
+):
+    """Fetches are ordered by one clock (the database's), not by each machine's own: an
+    operator's laptop ten minutes fast must not make the webhook refuse ten minutes of changes."""
+    subscribed(buyer, stripe_api, webhook)
+
+    class FastClock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return datetime.now(tz) + timedelta(minutes=10)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("shared.subscriptions.datetime", FastClock)
+        assert repair.main(["resync", "--subscription", buyer.sub_id]) == 0
+    capsys.readouterr()
+    stripe_api.subscriptions[buyer.sub_id] = buyer.subscription(
+        status="canceled", canceled_at=int(time.time())
+    )
+
+    deleted = deliver(webhook, buyer.subscription_event("customer.subscription.deleted"))
+
+    assert deleted.get_json()["status"] == "processed"
+    assert subscription_row(db, buyer.sub_id)["status"] == "canceled"
+
+
+# --- what is stored --------------------------------------------------------------------------
+
+
+def test_the_stored_payload_keeps_no_secret_or_bearer_link(db, webhook, stripe_api, buyer):
+    stripe_api.subscriptions[buyer.sub_id] = buyer.subscription()
+    checkout = buyer.checkout_event()
+    session = checkout["data"]["object"]
+    session.update(
+        ui_mode="embedded_page",
+        client_secret="cs_test_a1b2_secret_c3d4e5f6",
+        url="https://checkout.stripe.com/c/pay/cs_test_a1b2#fidkdWxOYHwnPyd1blpxYHZxWjA0",
+    )
+    session["after_expiration"] = {
+        "recovery": {
+            "allow_promotion_codes": False,
+            "enabled": True,
+            "expires_at": 1_767_300_000,
+            "url": "https://buy.stripe.com/r/live_recovery_link_abc",
+        }
+    }
+    invoice = buyer.invoice_event("invoice.paid", billed=month(0), created=month(1)[0])
+    invoice["data"]["object"].update(
+        hosted_invoice_url="https://invoice.stripe.com/i/acct_1/live_YWNjdF8xLF9pbnZvaWNl",
+        invoice_pdf="https://pay.stripe.com/invoice/acct_1/live_YWNjdF8xLF9pbnZvaWNl/pdf",
+        confirmation_secret={"client_secret": "pi_3abc_secret_def", "type": "payment_intent"},
+    )
+
+    for event in (checkout, invoice):
+        assert deliver(webhook, event).get_json()["status"] == "processed"
+
+        stored = json.dumps(event_row(db, event["id"])["payload"])
+        for secret in ("_secret_", "checkout.stripe.com", "buy.stripe.com", "invoice.stripe.com"):
+            assert secret not in stored
+        assert "pay.stripe.com" not in stored
+    # What the handlers and an operator need is all there.
+    stored = event_row(db, checkout["id"])["payload"]
+    assert stored["data"]["object"]["subscription"] == buyer.sub_id
+    assert stored["data"]["object"]["client_reference_id"] == buyer.org_id
+    assert stored["data"]["object"]["success_url"] == session["success_url"]
