@@ -20,8 +20,11 @@ ALLOW_HEADERS = "authorization, content-type"
 PREFLIGHT_MAX_AGE = "600"
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
-# RFC 3986 path, query and fragment characters, plus Stripe's `{CHECKOUT_SESSION_ID}` template.
-_PATH = re.compile(r"/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?%#]|\{CHECKOUT_SESSION_ID\})*")
+# RFC 3986 path, query and fragment characters, a `%` only as a `%XX` escape (Stripe refuses a
+# malformed URL with url_invalid, a 502 for what is bad input), and Stripe's session id template.
+_PATH = re.compile(
+    r"/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#]|%[0-9A-Fa-f]{2}|\{CHECKOUT_SESSION_ID\})*"
+)
 
 
 def website_origin(website_url: str | None) -> str:
