@@ -671,6 +671,19 @@ def get_checkout_session(call: Call, object_id: str) -> Json:
     return call.state.get("checkout.session", object_id, status=404)
 
 
+def expire_checkout_session(call: Call, object_id: str) -> Json:
+    """Only an open session can be expired, as Stripe: a complete or expired one is a 400."""
+    session = call.state.get("checkout.session", object_id, status=404)
+    if session["status"] != "open":
+        message = (
+            'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout '
+            f"Session has a status of `{session['status']}`."
+        )
+        raise StripeError(400, message)
+    session.update(status="expired", url=None)
+    return session
+
+
 def create_portal_session(call: Call) -> Json:
     p = call.params
     customer = call.state.get("customer", required(p, "customer"), "customer")
@@ -1201,6 +1214,7 @@ ROUTES = Map(
             " allow_promotion_codes",
         ),
         api("GET", "/v1/checkout/sessions" + ID, get_checkout_session),
+        api("POST", "/v1/checkout/sessions" + ID + "/expire", expire_checkout_session),
         api("GET", "/v1/subscriptions" + ID, get_subscription),
         api(
             "POST",

@@ -4,6 +4,12 @@ Nothing Stripe-related comes from the browser: the prices come from `billing_pla
 from `organisations`, and the redirect URLs are paths on WEBSITE_URL. One SQL call checks who may
 buy what (`begin_checkout`), Stripe is called with idempotency keys made from our own ids, and one
 SQL call records the session with its audit row (`record_checkout_session`).
+
+An organisation has at most one Checkout Session open: paying two would make two live
+subscriptions and charge the setup fee twice. Before a new session is opened, the organisation's
+other open sessions are expired at Stripe (`close_open_sessions`); `begin_checkout` answers 409
+while another choice's session is being opened, or while a payment found complete awaits its
+webhook.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shared.auth import Caller
 from shared.cors import website_origin, website_path, website_url
 from shared.db import Database
-from shared.errors import ConfigError, UpstreamError
+from shared.errors import ConfigError, Conflict, UpstreamError
 from shared.settings import Settings, get_settings
 from shared.stripe_api import stripe_errors
 
@@ -112,6 +118,46 @@ def organisation_customer(
     return str(stored["stripe_customer_id"])
 
 
+def expire_at_stripe(session_id: str, stripe_client: stripe.StripeClient) -> tuple[str, str | None]:
+    """Expire an open Checkout Session: `(status, subscription id)` as Stripe now has it."""
+    with stripe_errors():
+        try:
+            session = stripe_client.v1.checkout.sessions.expire(session_id)
+        except stripe.InvalidRequestError as refused:
+            if refused.code == "resource_missing":  # not in this Stripe account: nobody can pay it
+                return "expired", None
+            # Stripe refuses to expire a session that is no longer open: read what became of it.
+            session = stripe_client.v1.checkout.sessions.retrieve(session_id)
+            if session.status == "open":
+                raise
+    made = session.subscription  # an id, or the object if expanded
+    return str(session.status), made if isinstance(made, str | None) else made.id
+
+
+def close_open_sessions(
+    sessions: list[dict[str, Any]],
+    *,
+    caller: Caller,
+    database: Database,
+    stripe_client: stripe.StripeClient,
+) -> None:
+    """Expire each session at Stripe and record it; 409 checkout_completed if one was paid."""
+    for other in sessions:
+        status, subscription_id = expire_at_stripe(other["stripe_session_id"], stripe_client)
+        database.call(
+            "record_checkout_closed",
+            p_checkout_id=other["id"],
+            p_status=status,
+            p_stripe_subscription_id=subscription_id,
+            p_user_id=caller.user_id,
+        )
+        if status == "complete":
+            raise Conflict(
+                "A payment for this organisation has just completed; wait a moment and reload.",
+                code="checkout_completed",
+            )
+
+
 def start_checkout(
     caller: Caller,
     order: CheckoutRequest,
@@ -120,7 +166,11 @@ def start_checkout(
     database: Database,
     stripe_client: stripe.StripeClient,
 ) -> dict[str, str]:
-    """`{"checkout_url", "session_id"}` of the Checkout Session for this purchase (403/404/409/422)."""
+    """`{"checkout_url", "session_id"}` of the Checkout Session for this purchase (403/404/409/422).
+
+    The organisation's other open sessions are expired first (503 if Stripe cannot be reached,
+    409 if one was just paid): nothing new is opened unless they are.
+    """
     context = database.call(
         "begin_checkout",
         p_user_id=caller.user_id,
@@ -135,6 +185,9 @@ def start_checkout(
     if claim["stripe_session_id"]:
         return {"checkout_url": claim["url"], "session_id": claim["stripe_session_id"]}
 
+    close_open_sessions(
+        context["open_sessions"], caller=caller, database=database, stripe_client=stripe_client
+    )
     organisation = context["organisation"]
     customer_id = organisation_customer(
         organisation, database=database, stripe_client=stripe_client

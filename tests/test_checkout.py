@@ -2,12 +2,16 @@
 
 The fake keeps idempotency keys the way Stripe does (same key and form: the first answer again;
 same key, other form: refused), so "one customer" and "one session" are Stripe's real guarantees.
+It keeps its Checkout Sessions too: expiring one that is not open is refused as Stripe does, and
+a paid one stays paid.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -43,6 +47,8 @@ CUSTOMERS, SESSIONS, PORTAL = (
     "/v1/checkout/sessions",
     "/v1/billing_portal/sessions",
 )
+SESSION_URL = rf"{re.escape(API)}/v1/checkout/sessions/(?P<session_id>[^/]+)"
+EXPIRE = "expire"
 SETUP_FEE = "price_setup_fee_test"
 DEFAULT_SUCCESS = f"{WEBSITE_URL}/billing/success?session_id={{CHECKOUT_SESSION_ID}}"
 DEFAULT_CANCEL = f"{WEBSITE_URL}/billing/cancel"
@@ -60,11 +66,61 @@ class FakeStripe:
         self.idempotent_customers = idempotent_customers
         self.calls: dict[str, list[tuple[dict[str, str], str | None]]] = defaultdict(list)
         self.failures: dict[str, list[Any]] = defaultdict(list)
+        self.sessions: dict[str, dict[str, Any]] = {}  # Stripe's side: status open/complete/expired
+        self.expire_requests: list[httpx.Request] = []
+        self.before_create: Callable[[], None] | None = None  # a click landing mid-request
         self._replays: dict[tuple[str, str], tuple[dict[str, str], dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        builders = {CUSTOMERS: self._customer, SESSIONS: self._session, PORTAL: self._portal}
+        builders = {CUSTOMERS: self._customer, SESSIONS: self._new_session, PORTAL: self._portal}
         for path, build in builders.items():
             router.post(API + path).mock(side_effect=self._handler(path, build))
+        router.post(url__regex=SESSION_URL + "/expire$").mock(side_effect=self._expire)
+        router.get(url__regex=SESSION_URL + "$").mock(side_effect=self._retrieve)
+
+    def open_sessions(self) -> list[str]:
+        return [i for i, session in self.sessions.items() if session["status"] == "open"]
+
+    def complete(self, session_id: str) -> str:
+        """The customer pays: the session is complete and has made a subscription (its id)."""
+        subscription = f"sub_{uuid.uuid4().hex[:14]}"
+        self.sessions[session_id].update(
+            status="complete", payment_status="paid", subscription=subscription
+        )
+        return subscription
+
+    def _expire(self, request: httpx.Request, session_id: str) -> httpx.Response:
+        with self._lock:
+            self.expire_requests.append(request)
+            if self.failures[EXPIRE]:
+                failure = self.failures[EXPIRE].pop(0)
+                if isinstance(failure, Exception):
+                    raise failure
+                return failure  # type: ignore[no-any-return]
+            session = self.sessions.get(session_id)
+            if session is None:
+                message = f"No such checkout.session: '{session_id}'"
+                return stripe_error(404, "invalid_request_error", message, "resource_missing")
+            if session["status"] != "open":
+                message = (
+                    'Only Checkout Sessions with a status in ["open"] can be expired. This'
+                    f" Checkout Session has a status of `{session['status']}`."
+                )
+                return stripe_error(400, "invalid_request_error", message)
+            session.update(status="expired", url=None)
+            return httpx.Response(200, json=session)
+
+    def _retrieve(self, request: httpx.Request, session_id: str) -> httpx.Response:
+        with self._lock:
+            session = self.sessions.get(session_id)
+        if session is None:
+            message = f"No such checkout.session: '{session_id}'"
+            return stripe_error(404, "invalid_request_error", message, "resource_missing")
+        return httpx.Response(200, json=session)
+
+    def _new_session(self, form: dict[str, str]) -> dict[str, Any]:
+        session = self._session(form)
+        self.sessions[session["id"]] = copy.deepcopy(session)
+        return session
 
     def forms(self, path: str) -> list[dict[str, str]]:
         return [form for form, _ in self.calls[path]]
@@ -78,6 +134,8 @@ class FakeStripe:
         def handle(request: httpx.Request) -> httpx.Response:
             form = dict(urllib.parse.parse_qsl(request.content.decode(), keep_blank_values=True))
             key = request.headers.get("Idempotency-Key")
+            if path == SESSIONS and self.before_create:
+                self.before_create()
             with self._lock:
                 self.calls[path].append((form, key))
                 if self.failures[path]:
@@ -122,6 +180,9 @@ class FakeStripe:
             success_url=form["success_url"],
             cancel_url=form["cancel_url"],
             expires_at=int(time.time()) + 86400,
+            status="open",
+            payment_status="unpaid",
+            subscription=None,
         )
         return session
 
@@ -383,14 +444,17 @@ def test_an_admin_may_buy(
     make_org: Callable[..., Any],
     make_plan: Callable[..., Any],
 ) -> None:
+    owner_email = f"owner-{uuid.uuid4().hex[:8]}@example.com"
     admin = make_user()
-    org = make_org(members={admin: "admin"})
+    org = make_org(make_user(email=owner_email), members={admin: "admin"})
     response = post(
         client, {"plan_id": str(make_plan()["id"]), "billing_period": "monthly"}, user=admin
     )
 
     assert response.status_code == 200, response.get_json()
     assert stripe_api.forms(SESSIONS)[0]["client_reference_id"] == str(org["id"])
+    # The customer is the organisation's: the owner's email, not the admin who clicked.
+    assert stripe_api.forms(CUSTOMERS)[0]["email"] == owner_email
 
 
 # --- who may buy for which organisation ---------------------------------------------------------
@@ -437,6 +501,37 @@ def test_owner_of_a_buying_for_b_gets_the_same_403_as_for_a_missing_org(
     assert (for_b.status_code, error_code(for_b)) == (403, "forbidden")
     assert for_nothing.get_json() == for_b.get_json()
     assert for_nothing.status_code == 403
+    assert stripe_api.calls == {}
+
+
+@pytest.mark.parametrize("gone", ["removed_from_the_organisation", "deleted_user"])
+def test_a_still_valid_token_of_someone_no_longer_an_admin_gets_403(
+    client: Any,
+    stripe_api: FakeStripe,
+    db: Any,
+    make_user: Callable[..., str],
+    make_org: Callable[..., Any],
+    make_plan: Callable[..., Any],
+    gone: str,
+) -> None:
+    admin = make_user()
+    org = make_org(members={admin: "admin"})
+    token = user_token(admin)
+    if gone == "deleted_user":
+        db.execute("delete from auth.users where id = %s", (admin,))
+    else:
+        db.execute(
+            "delete from public.organisation_members where organisation_id = %s and user_id = %s",
+            (org["id"], admin),
+        )
+    body = {
+        "plan_id": str(make_plan()["id"]),
+        "billing_period": "monthly",
+        "organisation_id": str(org["id"]),
+    }
+    response = post(client, body, token=token)
+
+    assert (response.status_code, error_code(response)) == (403, "forbidden")
     assert stripe_api.calls == {}
 
 
@@ -623,6 +718,9 @@ def test_bad_bodies_are_4xx_naming_the_field(
         "/billing/%2e%2e/%2e%2e/x",
         "/ok\r\nLocation: https://evil.example",
         "/ok%0d%0a",
+        "/100%",
+        "/%zz",
+        "/a%2",
         "javascript:alert(1)",
         "evil.example",
         "",
@@ -690,8 +788,10 @@ def test_website_url_must_be_an_http_origin(url: str | None) -> None:
         website_origin(url)
 
 
-def test_good_paths_pass_unchanged() -> None:
-    path = "/billing/success?session_id={CHECKOUT_SESSION_ID}"
+@pytest.mark.parametrize(
+    "path", ["/billing/success?session_id={CHECKOUT_SESSION_ID}", "/search?q=a%20b%2Fc#top"]
+)
+def test_good_paths_pass_unchanged(path: str) -> None:
     assert website_path(path) == path
 
 
@@ -837,6 +937,8 @@ def test_preflight_from_the_website(client: Any) -> None:
         "content-type",
     }
     assert response.headers["Vary"] == "Origin"
+    # Bearer tokens, not cookies: the browser is never told to send credentials.
+    assert "Access-Control-Allow-Credentials" not in response.headers
 
 
 @pytest.mark.parametrize(
@@ -846,6 +948,8 @@ def test_preflight_from_the_website(client: Any) -> None:
         "https://app.example.com.evil.example",
         "null",
         "http://app.example.com",
+        "https://app.example.com:8443",
+        "https://app.example.com/",
     ],
 )
 def test_other_origins_get_403_and_no_cors_headers(
@@ -1020,6 +1124,269 @@ def test_the_first_stored_customer_wins(db: Any, make_org: Callable[..., Any]) -
         == second["set_organisation_customer"]
         == {"stripe_customer_id": "cus_first"}
     )
+
+
+# --- one open session per organisation ---------------------------------------------------------
+
+
+def choice(plan: dict[str, Any], period: str = "monthly") -> dict[str, str]:
+    return {"plan_id": str(plan["id"]), "billing_period": period}
+
+
+def session_rows(db: psycopg.Connection[Any], org: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """(plan id, Stripe session id, status) of the organisation's checkout rows, oldest first."""
+    rows = db.execute(
+        "select plan_id::text as plan_id, stripe_session_id, status from public.checkout_sessions"
+        " where organisation_id = %s order by created_at",
+        (org["id"],),
+    ).fetchall()
+    return [(row["plan_id"], row["stripe_session_id"], row["status"]) for row in rows]
+
+
+def expired_paths(stripe_api: FakeStripe) -> list[str]:
+    return [request.url.path for request in stripe_api.expire_requests]
+
+
+def test_a_click_on_another_plan_expires_the_open_session_before_opening_its_own(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+    db: Any,
+) -> None:
+    plan_a, plan_b = make_plan(), make_plan()
+    open_when_created: list[list[str]] = []
+    stripe_api.before_create = lambda: open_when_created.append(stripe_api.open_sessions())
+
+    first = post(client, choice(plan_a), user=buyer["user"])
+    second = post(client, choice(plan_b), user=buyer["user"])
+
+    assert first.status_code == second.status_code == 200, second.get_json()
+    a, b = first.get_json()["session_id"], second.get_json()["session_id"]
+    [request] = stripe_api.expire_requests
+    assert (request.method, request.url.path, request.content) == (
+        "POST",
+        f"/v1/checkout/sessions/{a}/expire",
+        b"",
+    )
+    assert open_when_created == [[], []]  # A was expired before B was opened
+    assert stripe_api.open_sessions() == [b]
+    assert session_rows(db, buyer["org"]) == [
+        (str(plan_a["id"]), a, "expired"),
+        (str(plan_b["id"]), b, "open"),
+    ]
+    assert {
+        "actor": buyer["user"],
+        "action": "checkout.expired",
+        "details": {"plan_id": str(plan_a["id"]), "billing_period": "monthly", "session_id": a},
+    } in audit_rows(db, buyer["org"])
+
+    # Back to A within the minute: its session is gone, so a new one; A is not expired twice.
+    third = post(client, choice(plan_a), user=buyer["user"])
+
+    assert third.status_code == 200, third.get_json()
+    c = third.get_json()["session_id"]
+    assert c not in (a, b)
+    assert expired_paths(stripe_api) == [
+        f"/v1/checkout/sessions/{a}/expire",
+        f"/v1/checkout/sessions/{b}/expire",
+    ]
+    assert stripe_api.open_sessions() == [c]
+
+
+def test_a_later_click_on_the_same_plan_expires_the_old_session(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+    db: Any,
+) -> None:
+    body = choice(make_plan())
+    first = post(client, body, user=buyer["user"]).get_json()["session_id"]
+    db.execute(
+        "update public.checkout_sessions set created_at = now() - interval '2 hours'"
+        " where stripe_session_id = %s",
+        (first,),
+    )
+    second = post(client, body, user=buyer["user"]).get_json()["session_id"]
+
+    assert expired_paths(stripe_api) == [f"/v1/checkout/sessions/{first}/expire"]
+    assert stripe_api.open_sessions() == [second]
+
+
+def test_a_session_paid_before_the_next_click_stops_it_with_409(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+    db: Any,
+) -> None:
+    plan_a, plan_b = make_plan(), make_plan()
+    org = buyer["org"]
+    a = post(client, choice(plan_a), user=buyer["user"]).get_json()["session_id"]
+    subscription = stripe_api.complete(a)  # paid; its webhook has not arrived yet
+
+    second = post(client, choice(plan_b), user=buyer["user"])
+    again = post(client, choice(plan_a), user=buyer["user"])
+
+    for response in (second, again):
+        assert (response.status_code, error_code(response)) == (409, "checkout_completed")
+        assert "wait a moment and reload" in response.get_json()["error"]["message"]
+    assert len(stripe_api.calls[SESSIONS]) == 1
+    assert stripe_api.sessions[a]["status"] == "complete"
+    # Stripe was asked once: the completion is recorded, with the subscription it made.
+    assert expired_paths(stripe_api) == [f"/v1/checkout/sessions/{a}/expire"]
+    assert session_rows(db, org)[0] == (str(plan_a["id"]), a, "complete")
+
+    # The webhook lands: the live subscription now answers; once it has ended, a new purchase.
+    db.execute(
+        "insert into public.subscriptions (organisation_id, plan_id, stripe_subscription_id,"
+        " stripe_customer_id, status, billing_period) values (%s, %s, %s, %s, 'active', 'monthly')",
+        (org["id"], plan_a["id"], subscription, stored_customer(db, org)),
+    )
+    subscribed = post(client, choice(plan_b), user=buyer["user"])
+    db.execute(
+        "update public.subscriptions set status = 'canceled' where stripe_subscription_id = %s",
+        (subscription,),
+    )
+    after_the_end = post(client, choice(plan_b), user=buyer["user"])
+
+    assert (subscribed.status_code, error_code(subscribed)) == (409, "already_subscribed")
+    assert after_the_end.status_code == 200, after_the_end.get_json()
+    assert len(stripe_api.calls[SESSIONS]) == 2
+    assert len(stripe_api.expire_requests) == 1
+
+
+def test_another_choice_while_a_session_is_being_opened_gets_409_in_progress(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+) -> None:
+    plan_a, plan_b = make_plan(), make_plan()
+    during: list[Any] = []
+
+    def click_b_while_a_is_at_stripe() -> None:
+        stripe_api.before_create = None
+        during.append(post(client, choice(plan_b), user=buyer["user"]))
+
+    stripe_api.before_create = click_b_while_a_is_at_stripe
+    first = post(client, choice(plan_a), user=buyer["user"])
+
+    assert first.status_code == 200, first.get_json()
+    [in_progress] = during
+    assert (in_progress.status_code, error_code(in_progress)) == (409, "checkout_in_progress")
+    assert len(stripe_api.calls[SESSIONS]) == 1
+    # The browser retries once A's session exists: B replaces it.
+    retried = post(client, choice(plan_b), user=buyer["user"])
+
+    assert retried.status_code == 200, retried.get_json()
+    a, b = first.get_json()["session_id"], retried.get_json()["session_id"]
+    assert expired_paths(stripe_api) == [f"/v1/checkout/sessions/{a}/expire"]
+    assert stripe_api.open_sessions() == [b]
+
+
+def test_concurrent_clicks_on_two_plans_leave_one_open_session(
+    client: Any, buyer: dict[str, Any], make_plan: Callable[..., Any], db: Any
+) -> None:
+    plans = [make_plan(), make_plan()]
+    headers = {
+        "Content-Type": "application/json",
+        "Origin": WEBSITE_URL,
+        "Authorization": f"Bearer {user_token(buyer['user'])}",
+    }
+    start = threading.Barrier(10)
+
+    def click(i: int) -> Any:
+        own_client = client.application.test_client()
+        start.wait()
+        return own_client.post("/", data=json.dumps(choice(plans[i % 2])), headers=headers)
+
+    with respx.mock(assert_all_called=False) as router:
+        stripe_api = FakeStripe(router)
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            responses = list(pool.map(click, range(10)))
+
+    outcomes = {(r.status_code, r.get_json().get("error", {}).get("code")) for r in responses}
+    assert outcomes <= {(200, None), (409, "checkout_in_progress")}, outcomes
+    [survivor] = stripe_api.open_sessions()
+    answered = {r.get_json()["session_id"] for r in responses if r.status_code == 200}
+    assert survivor in answered
+    assert {stripe_api.sessions[s]["status"] for s in answered - {survivor}} <= {"expired"}
+    assert [row[1] for row in session_rows(db, buyer["org"]) if row[2] == "open"] == [survivor]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.ConnectError("connection reset"),
+        stripe_error(429, "invalid_request_error", "Too many requests", "rate_limit"),
+    ],
+)
+def test_stripe_down_while_expiring_opens_nothing_until_a_retry(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+    db: Any,
+    failure: Any,
+) -> None:
+    plan_a, plan_b = make_plan(), make_plan()
+    a = post(client, choice(plan_a), user=buyer["user"]).get_json()["session_id"]
+    stripe_api.failures[EXPIRE].append(failure)
+
+    failed = post(client, choice(plan_b), user=buyer["user"])
+
+    assert (failed.status_code, error_code(failed)) == (503, "stripe_unavailable")
+    assert len(stripe_api.calls[SESSIONS]) == 1
+    assert stripe_api.open_sessions() == [a]
+    assert session_rows(db, buyer["org"])[0] == (str(plan_a["id"]), a, "open")
+
+    retried = post(client, choice(plan_b), user=buyer["user"])
+
+    assert retried.status_code == 200, retried.get_json()
+    assert stripe_api.open_sessions() == [retried.get_json()["session_id"]]
+
+
+@pytest.mark.parametrize("at_stripe", ["expired", "unknown"])
+def test_a_session_stripe_no_longer_has_open_is_recorded_and_passed_over(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+    db: Any,
+    at_stripe: str,
+) -> None:
+    plan_a, plan_b = make_plan(), make_plan()
+    a = post(client, choice(plan_a), user=buyer["user"]).get_json()["session_id"]
+    if at_stripe == "expired":  # its 24 hours ran out, or a killed request expired it
+        stripe_api.sessions[a]["status"] = "expired"
+    else:  # another Stripe account (keys changed, the local stand-in reset): nobody can pay it
+        del stripe_api.sessions[a]
+
+    second = post(client, choice(plan_b), user=buyer["user"])
+
+    assert second.status_code == 200, second.get_json()
+    assert session_rows(db, buyer["org"])[0] == (str(plan_a["id"]), a, "expired")
+    assert len(stripe_api.calls[SESSIONS]) == 2
+
+
+def test_a_session_stripe_refuses_to_expire_while_open_is_a_502_and_opens_nothing(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+    db: Any,
+) -> None:
+    plan_a, plan_b = make_plan(), make_plan()
+    a = post(client, choice(plan_a), user=buyer["user"]).get_json()["session_id"]
+    stripe_api.failures[EXPIRE].append(stripe_error(400, "invalid_request_error", "Refused."))
+
+    refused = post(client, choice(plan_b), user=buyer["user"])
+
+    assert (refused.status_code, error_code(refused)) == (502, "stripe_error")
+    assert stripe_api.open_sessions() == [a]
+    assert len(stripe_api.calls[SESSIONS]) == 1
 
 
 # --- Stripe failures ----------------------------------------------------------------------------

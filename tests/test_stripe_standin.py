@@ -375,6 +375,56 @@ def test_complete_delivers_signed_events_and_builds_the_subscription(
     assert again.status_code == 400
 
 
+def test_expire_closes_an_open_session_for_good(
+    client: stripe.StripeClient, base_url: str, catalog: dict[str, str]
+) -> None:
+    customer = new_customer(client)
+    session = checkout(client, customer, monthly_lines(catalog))
+
+    expired = client.v1.checkout.sessions.expire(session.id, params={"expand": ["customer"]})
+
+    assert (expired.id, expired.status, expired.url) == (session.id, "expired", None)
+    assert isinstance(expired.customer, stripe.Customer) and expired.customer.id == customer
+    assert client.v1.checkout.sessions.retrieve(session.id).status == "expired"
+    # Nobody can pay it any more, and Stripe refuses to expire it twice.
+    paying = httpx.post(f"{base_url}/_standin/checkout_sessions/{session.id}/complete")
+    assert paying.status_code == 400
+    with pytest.raises(stripe.InvalidRequestError) as twice:
+        client.v1.checkout.sessions.expire(session.id)
+    assert twice.value.http_status == 400
+    assert twice.value.user_message == (
+        'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout Session'
+        " has a status of `expired`."
+    )
+    state = httpx.get(f"{base_url}/_standin/state").json()
+    assert [s["status"] for s in state["checkout_sessions"]] == ["expired"]
+    assert state["subscriptions"] == []
+
+
+def test_expire_refuses_a_paid_session_and_names_missing_ones(
+    client: stripe.StripeClient, base_url: str, catalog: dict[str, str]
+) -> None:
+    session = checkout(client, new_customer(client), monthly_lines(catalog))
+    paid = control(base_url, f"checkout_sessions/{session.id}/complete")
+
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        client.v1.checkout.sessions.expire(session.id)
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        client.v1.checkout.sessions.expire("cs_test_missing")
+    with pytest.raises(stripe.InvalidRequestError) as unknown:
+        client.v1.checkout.sessions.expire(session.id, params={"reason": "x"})  # type: ignore[arg-type]
+
+    assert (refused.value.http_status, refused.value.error.type) == (400, "invalid_request_error")  # type: ignore[union-attr]
+    assert refused.value.user_message == (
+        'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout Session'
+        " has a status of `complete`."
+    )
+    done = client.v1.checkout.sessions.retrieve(session.id)
+    assert (done.status, done.subscription) == ("complete", paid["subscription"])
+    assert (missing.value.http_status, missing.value.code) == (404, "resource_missing")
+    assert (unknown.value.code, unknown.value.param) == ("parameter_unknown", "reason")
+
+
 def test_meter_events_are_billed_on_the_renewal_invoice(
     client: stripe.StripeClient, base_url: str, catalog: dict[str, str], receiver: Receiver
 ) -> None:
