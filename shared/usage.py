@@ -2,8 +2,11 @@
 
 The usage row, the cycle totals, the alerts and the pending meter event are written by one SQL
 call (`record_usage`) before Stripe is called. The meter event is then an outbox row: sent once
-right away, and otherwise by `flush_meter_events`, under an identifier and idempotency key derived
-from (organisation, call), so any number of attempts bills the call once.
+right away, and otherwise by `flush_meter_events`, under an identifier derived from (organisation,
+call): Stripe refuses a second event with that identifier, so any number of attempts bills the call
+once. Each attempt has its own idempotency key (identifier + attempt number): Stripe replays the
+first answer to a key for 24 hours, a 500 included, so one key for every attempt would keep a
+retried event undelivered for a day.
 """
 
 from __future__ import annotations
@@ -205,17 +208,29 @@ def send_meter_event(
                 "payload": {"stripe_customer_id": event.customer, "value": str(event.value)},
                 "timestamp": event.timestamp,
             },
-            # One try within STRIPE_TIMEOUT_SECONDS: retrying is the outbox's job. The key is the
-            # identifier, so a retry of a request Stripe did process replays its answer.
-            options={"max_network_retries": 0, "idempotency_key": event.identifier},
+            # One try within STRIPE_TIMEOUT_SECONDS: retrying is the outbox's job. A retry of a
+            # request Stripe did process is refused for its identifier: `already_recorded`.
+            options={
+                "max_network_retries": 0,
+                "idempotency_key": f"{event.identifier}-{event.attempt}",
+            },
         )
     except stripe.StripeError as error:
         if already_recorded(error):
             return "sent", None
         reason = describe(error)
         log.warning("meter event %s not delivered: %s", event.identifier, reason)
-        return ("retry" if is_retriable(error) else "failed"), reason
+        return ("failed" if refused(error) else "retry"), reason
     return "sent", None
+
+
+def refused(error: stripe.StripeError) -> bool:
+    """Stripe rejected the event itself (400: too old, malformed): no later attempt can succeed.
+
+    Anything else is retried: no answer, 5xx, 429, 409, and our own key refused (401, 403), which
+    an operator fixes without the usage being lost meanwhile.
+    """
+    return error.http_status == 400 and not is_retriable(error)
 
 
 def already_recorded(error: stripe.StripeError) -> bool:

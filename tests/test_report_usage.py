@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
+import psycopg
 import pytest
 import respx
 from jose import jwt
@@ -46,8 +47,10 @@ def stripe_error(status: int, message: str, *, code: str | None = None) -> httpx
 
 class FakeMeter:
     """POST /v1/billing/meter_events as Stripe answers it: fixture-shaped events, identifiers
-    unique, an Idempotency-Key replays its first answer, timestamps older than 35 days refused.
-    `fail_next` queues failures (500, 429, "timeout", or a callable that raises)."""
+    unique, an Idempotency-Key replays its first answer (a 500 included, as Stripe documents;
+    429, 401 and 403 are answered before the endpoint runs, so they are not kept), timestamps
+    older than 35 days refused. `fail_next` queues failures (500, 429, 401, 403, "timeout", a
+    Stripe answer as an httpx.Response, or a callable that raises)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -78,13 +81,18 @@ class FakeMeter:
             time.sleep(self.delay)
         if failure == "timeout":
             raise httpx.ReadTimeout("timed out", request=request)
-        if failure in (500, 429):
+        if failure in (429, 401, 403):
             return stripe_error(failure, "Stripe is having a moment.")
         with self.lock:
             if key is not None and key in self.replies:
                 status, body = self.replies[key]
             else:
-                status, body = self.accept(form)
+                if failure == 500:
+                    status, body = 500, {"error": {"type": "api_error", "message": "Stripe erred."}}
+                elif isinstance(failure, httpx.Response):
+                    status, body = failure.status_code, failure.json()
+                else:
+                    status, body = self.accept(form)
                 if key is not None:
                     self.replies[key] = (status, body)
         if callable(failure):
@@ -257,7 +265,7 @@ def test_first_report_bills_rounded_minutes_and_sends_one_meter_event(
             "timestamp": str(int(ended.timestamp())),
         }
     ]
-    assert meter.keys == [identifier]
+    assert meter.keys == [f"{identifier}-1"]
     row = usage_row(db, org["id"], "call-1")
     assert str(row["id"]) == body["usage_record_id"]
     assert row["meter_status"] == "sent" and row["meter_identifier"] == identifier
@@ -443,6 +451,42 @@ def test_calls_after_the_period_open_the_next_cycles_without_drift(
     assert row["billing_cycle_id"] == cycles[1]["id"]
 
 
+def test_a_call_after_an_irregular_period_opens_the_next_one_where_it_ended(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    """A period off the monthly grid (a trial, an anchor reset) is followed by one starting at
+    its end: the call goes to that new cycle, never to the ended one that does not contain it."""
+    org, plan = customer_org(), make_plan()
+    trial_start = datetime(2026, 1, 20, 10, 0, tzinfo=UTC)
+    trial_end = datetime(2026, 2, 3, 10, 0, tzinfo=UTC)
+    sub = subscribe(org, plan, start=trial_start, end=trial_end)
+
+    report(
+        client, org["id"], "after-trial", call_duration_minutes=3, ended_at="2026-02-05T12:00:00Z"
+    )
+    report(client, org["id"], "at-the-end", call_duration_minutes=1, ended_at=at(trial_end))
+
+    cycles = cycles_of(db, sub["id"])
+    assert [(c["period_start"], c["period_end"], c["minutes_used"]) for c in cycles] == [
+        (trial_start, trial_end, 0),
+        (trial_end, datetime(2026, 3, 3, 10, 0, tzinfo=UTC), 4),
+    ]
+
+
+def test_a_call_in_a_short_first_period_without_a_cycle_opens_that_period(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    org, plan = customer_org(), make_plan()
+    trial_start, trial_end = NOW - timedelta(days=3), NOW + timedelta(days=11)
+    sub = subscribe(org, plan, start=trial_start, end=trial_end, status="trialing", cycle=False)
+
+    body = report(client, org["id"], "in-trial", call_duration_minutes=3).get_json()
+
+    assert body["meter_status"] == "sent" and body["minutes_used"] == 3
+    cycles = cycles_of(db, sub["id"])
+    assert [(c["period_start"], c["period_end"]) for c in cycles] == [(trial_start, trial_end)]
+
+
 def test_a_subscription_without_cycles_opens_its_current_period(
     client, meter, db, customer_org, make_plan, subscribe
 ):
@@ -500,6 +544,50 @@ def test_a_new_subscription_wins_over_a_cancelled_one(
     assert body["included_minutes"] == 42
     assert cycles_of(db, old["id"])[0]["minutes_used"] == 0
     assert cycles_of(db, new["id"])[0]["minutes_used"] == 2
+
+
+def test_a_report_racing_a_subscription_update_does_not_deadlock(
+    client, meter, db, database_url, subscribed
+):
+    """The webhook's apply_subscription_state locks the subscription, then its cycle; a report
+    takes them in the same order, so one waits for the other instead of one being aborted."""
+    org, plan, sub = subscribed["org"], subscribed["plan"], subscribed["sub"]
+    cycle = cycles_of(db, sub["id"])[0]
+    period = {
+        "current_period_start": int(cycle["period_start"].timestamp()),
+        "current_period_end": int(cycle["period_end"].timestamp()),
+    }
+    state = {
+        "stripe_subscription_id": sub["stripe_subscription_id"],
+        "stripe_customer_id": org["stripe_customer_id"],
+        "status": "active",
+        "items": [
+            {"price_id": plan["stripe_price_id"], "usage_type": "licensed", **period},
+            {"price_id": plan["stripe_metered_price_id"], "usage_type": "metered", **period},
+        ],
+    }
+    # The webhook's connection closes first on a failure: the report is then no longer held up.
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(database_url) as webhook:
+        # The webhook's first step: the subscription row, locked until it commits.
+        webhook.execute("select 1 from subscriptions where id = %s for update", (sub["id"],))
+        racing = pool.submit(report, client.application.test_client(), org["id"], "racing")
+        waiting = (
+            "select count(*) as n from pg_stat_activity where datname = current_database()"
+            " and wait_event_type = 'Lock' and query like %s"
+        )
+        deadline = time.monotonic() + 5
+        while db.execute(waiting, ("%record_usage%",)).fetchone()["n"] == 0:
+            assert time.monotonic() < deadline, "the report never waited for the webhook"
+            time.sleep(0.01)
+        webhook.execute(
+            "select public.apply_subscription_state(p_state => %s::jsonb, p_state_at => now())",
+            (json.dumps(state),),
+        )
+        webhook.commit()
+        response = racing.result(timeout=10)
+
+    assert response.status_code == 201, response.get_json()
+    assert cycles_of(db, sub["id"])[0]["minutes_used"] == 2
 
 
 # ------------------------------------------------------------------ Stripe's answers

@@ -27,6 +27,7 @@ from tests.test_report_usage import (  # noqa: F401
     identifier_for,
     meter,
     report,
+    stripe_error,
     subscribe,
     subscribed,
     usage_row,
@@ -73,8 +74,10 @@ def test_a_pending_event_is_delivered_by_the_flush_with_the_same_identifier(
         if form["identifier"] == identifier
     ]
     assert len(attempts) == 2
-    assert attempts[0] == attempts[1]  # same parameters, same idempotency key
-    assert attempts[0][1] == identifier and attempts[0][0]["payload[value]"] == "3"
+    assert attempts[0][0] == attempts[1][0]  # the same parameters
+    # A key of its own per attempt: Stripe replays a key's first answer, a 500 included.
+    assert [key for _, key in attempts] == [f"{identifier}-1", f"{identifier}-2"]
+    assert attempts[0][0]["payload[value]"] == "3"
     assert list(meter.events) == [identifier]
 
 
@@ -102,6 +105,41 @@ def test_backoff_grows_and_an_event_waits_until_it_is_due(client, meter, db, sub
     assert usage_row(db, org["id"], "flaky")["meter_status"] == "sent"
 
 
+def test_backoff_stays_an_hour_however_many_attempts(client, meter, db, subscribed):
+    org = subscribed["org"]
+    meter.fail_next("timeout", "timeout")
+    report(client, org["id"], "stubborn")
+    db.execute(  # weeks of hourly retries against an unreachable Stripe
+        "update usage_records set meter_attempts = 5000, meter_next_attempt_at = now()"
+        " where organisation_id = %s and call_id = 'stubborn'",
+        (org["id"],),
+    )
+
+    assert flush(client)["pending"] == 1
+
+    row = db.execute(
+        "select meter_status, meter_attempts, extract(epoch from meter_next_attempt_at - now())"
+        " as wait from usage_records where organisation_id = %s and call_id = 'stubborn'",
+        (org["id"],),
+    ).fetchone()
+    assert row["meter_status"] == "pending" and row["meter_attempts"] == 5001
+    assert 3500 < row["wait"] <= 3600
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_our_own_key_refused_keeps_the_event_for_later(client, meter, db, subscribed, status):
+    """A revoked or restricted Stripe key is ours to fix: the usage waits, it is not given up."""
+    org = subscribed["org"]
+    meter.fail_next(status)
+    response = report(client, org["id"], "key-rolled")
+    assert response.status_code == 202 and response.get_json()["meter_status"] == "pending"
+    assert str(status) in usage_row(db, org["id"], "key-rolled")["meter_error"]
+
+    make_due(db, org["id"])
+    assert flush(client)["sent"] >= 1
+    assert usage_row(db, org["id"], "key-rolled")["meter_status"] == "sent"
+
+
 def test_the_process_dying_right_after_the_commit_loses_nothing(client, meter, db, subscribed):
     org = subscribed["org"]
     identifier = identifier_for(org["id"], "killed")
@@ -122,10 +160,30 @@ def test_the_process_dying_right_after_the_commit_loses_nothing(client, meter, d
     flush(client)
     assert usage_row(db, org["id"], "killed")["meter_status"] == "sent"
     assert meter.sent(identifier) == 2
-    assert list(meter.events) == [identifier]  # Stripe replayed the first answer: one event
+    assert list(meter.events) == [identifier]  # Stripe refused the identifier again: one event
     repeat = report(client, org["id"], "killed", call_duration_seconds=240).get_json()
     assert repeat["duplicate"] is True and repeat["minutes_used"] == 4
     assert repeat["meter_status"] == "sent"
+
+
+def test_a_lease_running_out_mid_request_still_bills_once(client, meter, db, subscribed):
+    """The first attempt is still waiting for Stripe's answer when its lease ends and a flush
+    sends the event again: Stripe refuses the identifier, which counts as sent."""
+    org = subscribed["org"]
+    identifier = identifier_for(org["id"], "slow")
+    flushed: list[dict[str, int]] = []
+
+    def flush_meanwhile() -> None:  # Stripe has taken the event; its answer is still on the way
+        make_due(db, org["id"])
+        flushed.append(flush(client.application.test_client()))
+
+    meter.fail_next(flush_meanwhile)
+    response = report(client, org["id"], "slow")
+
+    assert flushed[0]["sent"] == 1 and response.status_code == 201
+    assert meter.sent(identifier) == 2 and list(meter.events) == [identifier]
+    row = usage_row(db, org["id"], "slow")
+    assert (row["meter_status"], row["meter_attempts"], row["meter_error"]) == ("sent", 2, None)
 
 
 def test_two_flushes_at_once_send_each_event_once(client, meter, db, subscribed):
@@ -183,13 +241,8 @@ def test_claims_taken_at_the_same_moment_never_share_an_event(
 
 def test_a_permanent_refusal_during_a_flush_is_kept_as_failed(client, meter, db, subscribed):
     org = subscribed["org"]
-    meter.fail_next(500)
+    meter.fail_next(500, stripe_error(400, "No such customer: 'cus_x'"))
     report(client, org["id"], "doomed")
-    # Meanwhile the same identifier reached Stripe under another key with other data: a refusal.
-    meter.replies[identifier_for(org["id"], "doomed")] = (
-        400,
-        {"error": {"type": "invalid_request_error", "message": "No such customer: 'cus_x'"}},
-    )
     make_due(db, org["id"])
     result = flush(client)
     assert result["failed"] >= 1
