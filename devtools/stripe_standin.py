@@ -59,6 +59,16 @@ FIXTURES_PATH = Path(
 )
 METER_EVENT_WINDOW = (35 * 86400, 300)  # Stripe: at most 35 days old, 5 minutes ahead
 PRORATION_BEHAVIORS = {"create_prorations", "none", "always_invoice"}
+CANCELLATION_FEEDBACK = {
+    "customer_service",
+    "low_quality",
+    "missing_features",
+    "other",
+    "switched_service",
+    "too_complex",
+    "too_expensive",
+    "unused",
+}
 Json = dict[str, Any]
 
 
@@ -819,11 +829,27 @@ def create_subscription_item(call: Call) -> Json:
 
 
 def cancel_subscription(call: Call, object_id: str) -> Json:
-    """Cancel now: status canceled, canceled_at and ended_at set, subscription.deleted sent."""
+    """Cancel now: status canceled, canceled_at and ended_at set, subscription.deleted sent.
+
+    invoice_now and prorate are taken (the stand-in makes no final invoice nor proration either
+    way); cancellation_details[comment|feedback] are kept, reason cancellation_requested."""
     sub = call.state.get("subscription", object_id, status=404)
     check_live(sub)
+    for flag in ("invoice_now", "prorate"):
+        as_bool(call.params, flag)  # refuses a value that is not a boolean, as Stripe does
+    details = as_object(call.params, "cancellation_details")
+    feedback = details.get("feedback") or None
+    if feedback is not None and feedback not in CANCELLATION_FEEDBACK:
+        choices = ", ".join(sorted(CANCELLATION_FEEDBACK))
+        message = f"Invalid cancellation_details[feedback]: must be one of {choices}"
+        raise StripeError(400, message, param="cancellation_details[feedback]")
     now = sim_now(sub)
     sub.update(status="canceled", canceled_at=now, ended_at=now, cancel_at=None)
+    sub["cancellation_details"] = {
+        "comment": details.get("comment") or None,
+        "feedback": feedback,
+        "reason": "cancellation_requested",
+    }
     call.emit("customer.subscription.deleted", sub)
     return sub
 
@@ -1223,7 +1249,12 @@ ROUTES = Map(
             "metadata[*] cancel_at_period_end proration_behavior items[][price] items[][id]"
             " items[][quantity] items[][deleted]",
         ),
-        api("DELETE", "/v1/subscriptions" + ID, cancel_subscription, "invoice_now prorate"),
+        api(
+            "DELETE",
+            "/v1/subscriptions" + ID,
+            cancel_subscription,
+            "invoice_now prorate cancellation_details[comment] cancellation_details[feedback]",
+        ),
         api(
             "POST",
             "/v1/subscription_items",

@@ -5,10 +5,17 @@ of order, so each one fetches the subscription as Stripe has it NOW and stamps i
 the fetch began. `apply_subscription_state` (sql/0021) applies a state only if it was fetched
 after the stored one, and never brings an ended subscription back. Whatever the delivery order,
 the last fetch wins, and the last fetch sees Stripe's final state.
+
+One organisation, one live subscription. A second one can still reach Stripe (a Checkout Session
+whose id we never stored, a subscription made in the Dashboard); both would charge the flat fee,
+and both metered prices would bill the customer's meter events, so the overage twice. When the SQL
+reports one (sql/0023: the one Stripe created later is the newer), `sync_subscription` cancels the
+newer at Stripe and applies its canceled state; the older is never canceled.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,10 +24,20 @@ from typing import Any
 import stripe
 
 from shared.db import Database
+from shared.errors import Unavailable, UpstreamError
 from shared.stripe_api import stripe_errors
 
 # Stripe never brings these back: no metered item is added to them.
 ENDED_STATUSES = frozenset({"canceled", "incomplete_expired"})
+# Stripe invoices these: an organisation has at most one of them.
+LIVE_STATUSES = frozenset({"active", "trialing", "past_due", "unpaid"})
+# Each round ends one duplicate (or corrects a stale row): more means something keeps making them.
+MAX_DUPLICATE_ROUNDS = 5
+
+# The cancellation comment of a duplicate we cancel. Stripe keeps it on the subscription, so the
+# canceled state says what it was even when our process died between the cancel and its apply.
+DUPLICATE_COMMENT = "Duplicate subscription: the organisation keeps {kept}."
+_DUPLICATE_COMMENT = re.compile(r"Duplicate subscription: the organisation keeps (sub_\w+)\.")
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,13 @@ def fetch_subscription(
     return Fetched(subscription.to_dict(), started)
 
 
+def duplicate_of(subscription: dict[str, Any]) -> str | None:
+    """The subscription kept when we canceled this one as its duplicate, else None."""
+    comment = (subscription.get("cancellation_details") or {}).get("comment")
+    match = _DUPLICATE_COMMENT.fullmatch(comment) if isinstance(comment, str) else None
+    return match.group(1) if match else None
+
+
 def normalise_subscription(subscription: dict[str, Any]) -> dict[str, Any]:
     """The fields `apply_subscription_state` reads; periods live on items (API 2025+)."""
     items = (subscription.get("items") or {}).get("data") or []
@@ -78,6 +102,9 @@ def normalise_subscription(subscription: dict[str, Any]) -> dict[str, Any]:
         ),
         "cancel_at_period_end": bool(subscription.get("cancel_at_period_end")),
         "canceled_at": subscription.get("canceled_at"),
+        "created": subscription.get("created"),
+        "latest_invoice": stripe_id(subscription.get("latest_invoice")),
+        "duplicate_of": duplicate_of(subscription),
         "items": [
             {
                 "price_id": stripe_id(item.get("price")),
@@ -164,9 +191,14 @@ def apply_state(
     event_id: str | None = None,
     organisation: str | None = None,
     invoice: dict[str, Any] | None = None,
+    checkout_session: str | None = None,
     actor: str = "stripe-webhook",
 ) -> dict[str, Any]:
-    """Apply a fetched state (and mark `event_id` processed) in one SQL call; its result."""
+    """Apply a fetched state (and mark `event_id` processed) in one SQL call; its result.
+
+    The result's `duplicate` ({kept, newer}) says the organisation has two live subscriptions;
+    `event_id` then stays unprocessed (see `sync_subscription`).
+    """
     result: dict[str, Any] = database.call(
         "apply_subscription_state",
         p_state=normalise_subscription(fetched.subscription),
@@ -175,8 +207,49 @@ def apply_state(
         p_organisation_id=organisation,
         p_invoice=invoice,
         p_actor=actor,
+        p_checkout_session_id=checkout_session,
     )
     return result
+
+
+def cancel_duplicate(
+    fetched: Fetched,
+    *,
+    kept: str,
+    database: Database,
+    stripe_client: stripe.StripeClient,
+    **apply_options: Any,
+) -> dict[str, Any]:
+    """Cancel `fetched`, the newer of two live subscriptions, at Stripe now; apply its end.
+
+    No final invoice and no proration: the accident bills nothing more. Its payments are NOT
+    refunded here: refunding is a person's decision, so the audit row
+    (subscription.duplicate_canceled) lists the invoices to look at. Stripe refuses to cancel a
+    canceled subscription (idempotency keys do nothing on DELETE), so a concurrent delivery that
+    canceled it first shows as a refusal; the re-fetch then finds it canceled, which is terminal.
+    """
+    subscription_id = str(fetched.subscription["id"])
+    if subscription_id == kept:
+        raise ValueError(f"refusing to cancel {kept}: it is the subscription to keep")
+    if fetched.subscription.get("status") in LIVE_STATUSES:
+        refused: UpstreamError | None = None
+        try:
+            with stripe_errors():
+                stripe_client.v1.subscriptions.cancel(
+                    subscription_id,
+                    params={
+                        "invoice_now": False,
+                        "prorate": False,
+                        "cancellation_details": {"comment": DUPLICATE_COMMENT.format(kept=kept)},
+                    },
+                    options={"idempotency_key": f"cancel-duplicate-{subscription_id}"},
+                )
+        except UpstreamError as error:
+            refused = error
+        fetched = fetch_subscription(stripe_client, subscription_id, database=database)
+        if refused is not None and fetched.subscription.get("status") not in ENDED_STATUSES:
+            raise refused
+    return apply_state(fetched, database=database, **apply_options)
 
 
 def sync_subscription(
@@ -187,22 +260,63 @@ def sync_subscription(
     event_id: str | None = None,
     organisation: str | None = None,
     invoice: dict[str, Any] | None = None,
+    checkout_session: str | None = None,
     add_metered_item: bool = False,
     actor: str = "stripe-webhook",
 ) -> dict[str, Any]:
     """Fetch the subscription from Stripe and apply its current state; the SQL result.
 
-    `organisation` is the owner named by a checkout session; `invoice` (normalised) closes the
-    cycle it billed; `add_metered_item` completes a yearly checkout.
+    `organisation` is the owner named by a checkout session, `checkout_session` its id (marked
+    complete); `invoice` (normalised) closes the cycle it billed; `add_metered_item` completes a
+    yearly checkout. A duplicate live subscription is settled before this returns, and
+    `event_id` is marked processed only then: a failure on the way (Stripe down) leaves it to
+    Stripe's retry.
     """
     fetched = fetch_subscription(stripe_client, subscription_id, database=database)
     if add_metered_item:
         fetched = ensure_metered_item(fetched, database=database, stripe_client=stripe_client)
-    return apply_state(
-        fetched,
-        database=database,
-        event_id=event_id,
-        organisation=organisation,
-        invoice=invoice,
-        actor=actor,
+    options: dict[str, Any] = {
+        "event_id": event_id,
+        "organisation": organisation,
+        "invoice": invoice,
+        "checkout_session": checkout_session,
+        "actor": actor,
+    }
+    for _ in range(MAX_DUPLICATE_ROUNDS):
+        result = apply_state(fetched, database=database, **options)
+        if not result.get("duplicate"):
+            return result
+        kept, newer = str(result["duplicate"]["kept"]), str(result["duplicate"]["newer"])
+        # Our row of the kept one may be stale (canceled at Stripe, its event still on its way):
+        # Stripe's word first, so a legitimate new subscription is never canceled for it.
+        if kept != subscription_id and not _live_at_stripe(
+            kept, database=database, stripe_client=stripe_client, actor=actor
+        ):
+            continue  # its row is corrected: apply again
+        if newer == subscription_id:
+            return cancel_duplicate(
+                fetched, kept=kept, database=database, stripe_client=stripe_client, **options
+            )
+        cancel_duplicate(
+            fetch_subscription(stripe_client, newer, database=database),
+            kept=kept,
+            database=database,
+            stripe_client=stripe_client,
+            event_id=event_id,
+            actor=actor,
+        )
+    raise Unavailable(
+        f"Subscription {subscription_id}'s organisation still has several live subscriptions"
+        f" after {MAX_DUPLICATE_ROUNDS} rounds of canceling the newer ones.",
+        code="duplicate_subscriptions",
     )
+
+
+def _live_at_stripe(
+    subscription_id: str, *, database: Database, stripe_client: stripe.StripeClient, actor: str
+) -> bool:
+    """Whether Stripe still has the subscription live, after applying what it has."""
+    result = sync_subscription(
+        subscription_id, database=database, stripe_client=stripe_client, actor=actor
+    )
+    return result.get("subscription_status") in LIVE_STATUSES

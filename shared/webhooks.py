@@ -11,6 +11,10 @@ Stripe delivers at least once, in any order, and retries any non-2xx for days. S
 effect); every failure is stored on the event row and answered 5xx, and its retry (or
 `python -m ops.repair failed-events`) claims the row again.
 
+An organisation has one live subscription: a second one that reaches us (a Checkout Session whose
+id we never stored, a subscription made in the Dashboard) is canceled at Stripe, the newer of the
+two, before the event is answered 200 (shared/subscriptions.py).
+
 A 5xx only where a retry can succeed: Stripe or the database down, the event in progress in
 another delivery, a price the catalog does not know yet (503 unknown_price). An event with nothing
 of ours in it (an organisation we do not have, a customer no organisation owns and no
@@ -143,7 +147,8 @@ def _sync(context: EventContext, subscription_id: str, **options: Any) -> str:
 
 def on_checkout_completed(session: dict[str, Any], context: EventContext) -> str:
     """The organisation gets its customer, its subscription and its first cycle; a yearly plan its
-    metered item. A session that is not ours (no organisation, no subscription) is ignored."""
+    metered item; our `checkout_sessions` row is marked complete. A session that is not ours (no
+    organisation, no subscription) is ignored."""
     subscription_id = stripe_id(session.get("subscription"))
     if session.get("mode") != "subscription" or subscription_id is None:
         return _ignore(context, f"checkout session {session.get('id')} created no subscription")
@@ -156,7 +161,13 @@ def on_checkout_completed(session: dict[str, Any], context: EventContext) -> str
             f"checkout session {session.get('id')} names no organisation"
             " (metadata.organisation_id or client_reference_id)",
         )
-    return _sync(context, subscription_id, organisation=organisation, add_metered_item=True)
+    return _sync(
+        context,
+        subscription_id,
+        organisation=organisation,
+        checkout_session=stripe_id(session.get("id")),
+        add_metered_item=True,
+    )
 
 
 def on_subscription_event(subscription: dict[str, Any], context: EventContext) -> str:

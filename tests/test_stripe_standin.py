@@ -537,6 +537,40 @@ def test_cancel_sends_subscription_deleted(
         client.v1.subscriptions.cancel(second)
 
 
+def test_cancel_takes_stripes_cancel_parameters_and_refuses_others(
+    client: stripe.StripeClient, base_url: str, catalog: dict[str, str]
+) -> None:
+    sub_id = subscribe_monthly(client, base_url, catalog)["subscription"]
+    with pytest.raises(stripe.InvalidRequestError) as unknown:
+        client.v1.subscriptions.cancel(sub_id, params={"invoice_now": False, "refund": True})  # type: ignore[typeddict-unknown-key]
+    assert unknown.value.param == "refund" and unknown.value.code == "parameter_unknown"
+    with pytest.raises(stripe.InvalidRequestError) as feedback:
+        client.v1.subscriptions.cancel(
+            sub_id, params={"cancellation_details": {"feedback": "bored"}}
+        )
+    assert feedback.value.param == "cancellation_details[feedback]"
+    assert client.v1.subscriptions.retrieve(sub_id).status == "active"  # refused: nothing done
+
+    canceled = client.v1.subscriptions.cancel(
+        sub_id,
+        params={
+            "invoice_now": False,
+            "prorate": False,
+            "cancellation_details": {"comment": "Duplicate subscription.", "feedback": "other"},
+        },
+        options={"idempotency_key": f"cancel-duplicate-{sub_id}"},
+    )
+
+    assert canceled.status == "canceled"
+    stored = client.v1.subscriptions.retrieve(sub_id)
+    assert stored.status == "canceled"
+    assert stored.cancellation_details.to_dict() == {
+        "comment": "Duplicate subscription.",
+        "feedback": "other",
+        "reason": "cancellation_requested",
+    }
+
+
 def test_cancel_at_period_end_ends_at_the_renewal(
     client: stripe.StripeClient, base_url: str, catalog: dict[str, str]
 ) -> None:

@@ -86,6 +86,7 @@ def subscription_object(
     organisation_id: str | None = None,
     cancel_at_period_end: bool = False,
     canceled_at: int | None = None,
+    created: int = T0,
 ) -> dict[str, Any]:
     """A subscription on `plan` in its `month_index`-th month (yearly: the flat item is yearly)."""
     sub = stripe_fixture("subscription")
@@ -123,8 +124,8 @@ def subscription_object(
         cancel_at=metered_period[1] if cancel_at_period_end else None,
         canceled_at=canceled_at,
         ended_at=canceled_at if status == "canceled" else None,
-        created=T0,
-        start_date=T0,
+        created=created,
+        start_date=created,
         billing_cycle_anchor=T0,
         currency="eur",
         trial_start=None,
@@ -269,6 +270,17 @@ def deliver(
     )
 
 
+CANCEL_PARAMS = frozenset(
+    {
+        "invoice_now",
+        "prorate",
+        "cancellation_details[comment]",
+        "cancellation_details[feedback]",
+        "expand[]",
+    }
+)
+
+
 def stripe_error(
     status: int, error_type: str, message: str, code: str | None = None
 ) -> httpx.Response:
@@ -282,7 +294,9 @@ class StripeStandIn:
 
     `subscriptions[id]` is what a retrieve returns; `fail_retrieves` answers that many retrieves
     with a 500 (`fail_retrieves_after_item_add` arms it when an item is added); adding a
-    subscription item honours the idempotency key, as Stripe does.
+    subscription item honours the idempotency key, as Stripe does. A cancel (DELETE) takes
+    Stripe's parameters only, refuses a canceled subscription as Stripe does (an idempotency key
+    does nothing on DELETE), and `fail_cancels` answers that many with a 500.
     """
 
     def __init__(self, router: respx.Router) -> None:
@@ -292,6 +306,8 @@ class StripeStandIn:
         self.delay_seconds = 0.0
         self.retrieves: list[httpx.Request] = []
         self.item_requests: list[httpx.Request] = []
+        self.cancels: list[httpx.Request] = []
+        self.fail_cancels = 0
         self.metered_period: tuple[int, int] = month(0)
         self._items_by_key: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -299,6 +315,9 @@ class StripeStandIn:
             side_effect=self._retrieve
         )
         router.post("/v1/subscription_items").mock(side_effect=self._create_item)
+        router.delete(path__regex=r"^/v1/subscriptions/(?P<subscription_id>[^/]+)$").mock(
+            side_effect=self._cancel
+        )
 
     def _retrieve(self, request: httpx.Request, subscription_id: str) -> httpx.Response:
         time.sleep(self.delay_seconds)
@@ -315,6 +334,45 @@ class StripeStandIn:
                     f"No such subscription: '{subscription_id}'",
                     code="resource_missing",
                 )
+            return httpx.Response(200, json=sub)
+
+    def _cancel(self, request: httpx.Request, subscription_id: str) -> httpx.Response:
+        params = dict(urllib.parse.parse_qsl(request.url.query.decode(), keep_blank_values=True))
+        with self._lock:
+            self.cancels.append(request)
+            if self.fail_cancels > 0:
+                self.fail_cancels -= 1
+                return stripe_error(500, "api_error", "An unknown error occurred.")
+            unknown = set(params) - CANCEL_PARAMS
+            if unknown:
+                return stripe_error(
+                    400,
+                    "invalid_request_error",
+                    f"Received unknown parameter: {min(unknown)}",
+                    code="parameter_unknown",
+                )
+            sub = self.subscriptions.get(subscription_id)
+            if sub is None:
+                return stripe_error(
+                    404,
+                    "invalid_request_error",
+                    f"No such subscription: '{subscription_id}'",
+                    code="resource_missing",
+                )
+            if sub["status"] == "canceled":
+                return stripe_error(
+                    400,
+                    "invalid_request_error",
+                    "A canceled subscription can only update its cancellation_details and"
+                    " metadata.",
+                )
+            now = sub["created"] + 60
+            sub.update(status="canceled", canceled_at=now, ended_at=now, cancel_at=None)
+            sub["cancellation_details"] = {
+                "comment": params.get("cancellation_details[comment]"),
+                "feedback": params.get("cancellation_details[feedback]"),
+                "reason": "cancellation_requested",
+            }
             return httpx.Response(200, json=sub)
 
     def _create_item(self, request: httpx.Request) -> httpx.Response:
