@@ -26,7 +26,7 @@ from shared.db import Database, get_database
 from shared.errors import BillingError, ConfigError
 from shared.settings import get_settings
 from shared.stripe_api import make_stripe_client
-from shared.subscriptions import apply_state, fetch_subscription, normalise_subscription
+from shared.subscriptions import fetch_subscription, normalise_subscription, sync_subscription
 from shared.webhooks import failure_reason, process_event
 
 
@@ -66,13 +66,16 @@ def resync(
     failures = 0
     for subscription_id in subscription_ids:
         try:
-            fetched = fetch_subscription(stripe_client, subscription_id, database=database)
             if dry_run:
+                fetched = fetch_subscription(stripe_client, subscription_id, database=database)
                 state = normalise_subscription(fetched.subscription)
                 prices = ", ".join(str(item["price_id"]) for item in state["items"])
                 print(f"would apply {subscription_id}: {state['status']}, prices {prices}")
                 continue
-            result = apply_state(fetched, database=database, actor="ops-repair")
+            # The webhook's own path: a duplicate live subscription is settled here too.
+            result = sync_subscription(
+                subscription_id, database=database, stripe_client=stripe_client, actor="ops-repair"
+            )
         except (BillingError, stripe.StripeError) as error:
             failures += 1
             print(f"failed {subscription_id}: {failure_reason(error)}")

@@ -290,3 +290,17 @@ def test_buying_again_after_a_canceled_subscription_cancels_nothing(db, webhook,
     assert stripe_api.cancels == []
     assert live_subscriptions(db, buyer.org["id"]) == [again.sub_id]
     assert duplicate_audits(db, buyer.org["id"]) == []
+
+
+def test_the_repair_resync_settles_a_duplicate_the_same_way(db, webhook, stripe_api, buyer, capsys):
+    from ops import repair
+
+    subscribed(buyer, stripe_api, webhook)
+    second = second_subscription(buyer, stripe_api)  # at Stripe only: its events were lost
+
+    assert repair.main(["resync", "--subscription", second.sub_id]) == 0
+
+    [cancel] = stripe_api.cancels
+    assert cancel.url.path == f"/v1/subscriptions/{second.sub_id}"
+    assert_newer_canceled(db, stripe_api, kept=buyer, newer=second)
+    assert [audit["canceled"] for audit in duplicate_audits(db, buyer.org["id"])] == [second.sub_id]
