@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -46,12 +47,18 @@ def is_retriable(error: stripe.StripeError) -> bool:
     return status >= 500 or status in (409, 429) or error.code == "lock_timeout"
 
 
+# Stripe quotes (masked) keys back in some messages ("Invalid API Key provided: sk_test_****1234").
+_KEYS = re.compile(r"\b(?:sk|rk|pk|whsec)_[A-Za-z0-9_*]+")
+
+
 def describe(error: stripe.StripeError) -> str:
-    """A short account of a Stripe error for our own logs and rows (never shown to browsers)."""
+    """A short account of a Stripe error for logs and rows, without any key (never for browsers).
+
+    It ends up in `usage_records.meter_error` and `stripe_events.error`, which members may read.
+    """
     status = error.http_status or "no response"
-    return f"{type(error).__name__} ({status}, {error.code or '-'}): {error.user_message or error}"[
-        :500
-    ]
+    message = _KEYS.sub("[key]", str(error.user_message or error))
+    return f"{type(error).__name__} ({status}, {error.code or '-'}): {message}"[:500]
 
 
 @contextmanager

@@ -96,3 +96,16 @@ def test_unexpected_error_is_a_500_with_a_request_id_logged_once(caplog):
     assert "sk_live_123" not in response.get_data(as_text=True)
     assert len(caplog.records) == 1
     assert body["error"]["request_id"] in caplog.records[0].getMessage()
+
+
+def test_stripe_errors_are_described_without_keys():
+    import stripe
+
+    from shared.stripe_api import describe
+
+    error = stripe.AuthenticationError(
+        "Invalid API Key provided: sk_live_****************abcd", http_status=401
+    )
+    text = describe(error)
+    assert "abcd" not in text and "sk_live" not in text
+    assert text.startswith("AuthenticationError (401")
