@@ -9,7 +9,7 @@ the last fetch wins, and the last fetch sees Stripe's final state.
 One organisation, one live subscription. A second one can still reach Stripe (a Checkout Session
 whose id we never stored, a subscription made in the Dashboard); both would charge the flat fee,
 and both metered prices would bill the customer's meter events, so the overage twice. When the SQL
-reports one (sql/0023: the one Stripe created later is the newer), `sync_subscription` cancels the
+reports one (sql/0021: the one Stripe created later is the newer), `sync_subscription` cancels the
 newer at Stripe and applies its canceled state; the older is never canceled.
 """
 

@@ -20,36 +20,50 @@ alter table public.usage_records
   add column cycle_overage_minutes integer,
   add column cycle_overage_cost_cents integer;
 
--- The monthly metered period of a subscription that contains `p_at`, on the grid anchor + n
+-- The monthly metered period of a subscription that contains `p_at`, from the latest known
+-- period (its latest cycle, else its current period, which is yearly on a yearly plan): that
+-- period itself when it contains p_at and is at most a month long; else the grid anchor + n
 -- months in UTC (like Stripe's billing anchor: Jan 31 -> Feb 28 -> Mar 31, no drift). The anchor
--- is the known period boundary with the latest day of the month: a cycle spans two consecutive
--- months, one of any two consecutive months has 31 days, so that boundary was never clamped.
--- Null when nothing is known about the subscription's periods.
+-- is that period's boundary with the later day of the month (a boundary in a short month may be
+-- clamped, and of two consecutive months one has 31 days), or its end when the period is not
+-- whole months on that grid (a trial, a reset anchor): the next period starts where it ended.
+-- Null when nothing is known of its periods.
 create function private.metered_period(p_subscription_id uuid, p_at timestamptz)
 returns tstzrange
 language plpgsql stable
 set search_path = ''
 as $$
 declare
+  v_start timestamp;
+  v_end timestamp;
   v_anchor timestamp;
   v_at timestamp := p_at at time zone 'UTC';
   v_months integer;
 begin
-  select b.boundary at time zone 'UTC' into v_anchor
-    from (
-      select c.period_start from public.billing_cycles c where c.subscription_id = p_subscription_id
-      union all
-      select c.period_end from public.billing_cycles c where c.subscription_id = p_subscription_id
-      union all
-      select s.current_period_start from public.subscriptions s where s.id = p_subscription_id
-      union all
-      select s.current_period_end from public.subscriptions s where s.id = p_subscription_id
-    ) as b (boundary)
-   where b.boundary is not null
-   order by extract(day from b.boundary at time zone 'UTC') desc, b.boundary
+  select c.period_start at time zone 'UTC', c.period_end at time zone 'UTC'
+    into v_start, v_end
+    from public.billing_cycles c
+   where c.subscription_id = p_subscription_id
+   order by c.period_end desc
    limit 1;
-  if v_anchor is null then
+  if v_end is null then
+    select s.current_period_start at time zone 'UTC', s.current_period_end at time zone 'UTC'
+      into v_start, v_end
+      from public.subscriptions s
+     where s.id = p_subscription_id and s.current_period_start < s.current_period_end;
+  end if;
+  if v_end is null then
     return null;
+  end if;
+  if v_start <= v_at and v_at < v_end and v_end <= v_start + interval '1 month' then
+    return tstzrange(v_start at time zone 'UTC', v_end at time zone 'UTC', '[)');
+  end if;
+  v_anchor := case when extract(day from v_start) > extract(day from v_end) then v_start
+                   else v_end end;
+  v_months := (extract(year from v_end) - extract(year from v_anchor)) * 12
+    + extract(month from v_end) - extract(month from v_anchor);
+  if v_anchor + make_interval(months => v_months) <> v_end then
+    v_anchor := v_end;
   end if;
   v_months := (extract(year from v_at) - extract(year from v_anchor)) * 12
     + extract(month from v_at) - extract(month from v_anchor);
@@ -104,12 +118,6 @@ as $$
   )
 $$;
 
--- Record one call once. A repeat of (organisation, call_id) returns the first answer with
--- duplicate = true and writes nothing. A new call: the usage row; the cycle containing ended_at
--- (opened from the plan when the subscription has no cycle there yet); the minutes added and the
--- overage recomputed in one UPDATE; the alert thresholds this report crossed; the meter event
--- pending, leased for p_lease_seconds to the caller's own first attempt (so a flush running at
--- the same time leaves it alone). The answer then carries `meter`, the event to send.
 create function public.record_usage(
   p_org_id uuid,
   p_call_id text,
@@ -156,11 +164,15 @@ begin
 
   -- The cycle of the organisation's live subscription that contains the call, opened from the
   -- plan when the subscription has none there yet.
+  -- Locked (key share, what the usage row's foreign key takes anyway) before its cycle is
+  -- touched: apply_subscription_state locks the subscription, then the cycle; the same order
+  -- here makes one wait for the other instead of a deadlock.
   select s.* into v_sub
     from public.subscriptions s
    where s.organisation_id = p_org_id and s.status = any (v_live)
    order by s.created_at desc
-   limit 1;
+   limit 1
+     for key share;
   select p.* into v_plan from public.billing_plans p where p.id = v_sub.plan_id;
   select c.* into v_cycle
     from public.billing_cycles c
@@ -198,7 +210,8 @@ begin
        and c.period_start <= v_record.ended_at and v_record.ended_at < c.period_end
      order by c.period_start desc
      limit 1;
-    select s.* into v_sub from public.subscriptions s where s.id = v_cycle.subscription_id;
+    select s.* into v_sub from public.subscriptions s where s.id = v_cycle.subscription_id
+       for key share;
     select p.* into v_plan from public.billing_plans p where p.id = v_sub.plan_id;
   end if;
 
@@ -290,10 +303,6 @@ begin
 end;
 $$;
 
--- Keep the outcome of one delivery attempt: 'sent'; 'retry' (stays pending with the error, next
--- attempt after an exponential backoff capped at an hour, so retries stay inside Stripe's 24-hour
--- idempotency window); 'failed' (Stripe refused it for good). Only the holder of the latest claim
--- (p_attempt) may move a pending event, except that Stripe's acceptance is always kept.
 create function public.record_meter_result(
   p_usage_record_id uuid,
   p_attempt integer,
@@ -315,7 +324,9 @@ begin
          meter_error = case when p_outcome = 'sent' then null else left(p_error, 1000) end,
          meter_sent_at = case when p_outcome = 'sent' then now() end,
          meter_next_attempt_at = case when p_outcome = 'retry'
-           then now() + make_interval(secs => least(15 * power(2, u.meter_attempts), 3600))
+           -- 2^8 x 15 s is past the hour already; a larger power overflows at 1023 attempts.
+           then now()
+             + make_interval(secs => least(15 * power(2, least(u.meter_attempts, 8)), 3600))
          end
    where u.id = p_usage_record_id
      and ((u.meter_status = 'pending' and u.meter_attempts = p_attempt)

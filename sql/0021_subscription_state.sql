@@ -10,6 +10,9 @@ set local statement_timeout = '60s';
 -- begins, B is applied first) leave B's state, whatever order they commit in.
 alter table public.subscriptions add column stripe_state_at timestamptz;
 
+-- When Stripe created the subscription: the older of two live ones is kept.
+alter table public.subscriptions add column stripe_created timestamptz;
+
 -- The plan a subscription's price ids belong to: its flat price (monthly or yearly) decides the
 -- plan and the billing period. NULL when no plan has any of the prices. p_price_ids: a jsonb
 -- array of price ids (lists travel as jsonb through both database transports).
@@ -36,12 +39,20 @@ as $$
    limit 1;
 $$;
 
+-- The moment a Stripe fetch begins, as the stamp apply_subscription_state orders states by.
+create function public.stripe_fetch_started_at() returns jsonb
+language sql volatile
+as $$
+  select to_jsonb(clock_timestamp());
+$$;
+
 -- Apply a subscription state fetched from Stripe at p_state_at:
 -- p_state = {stripe_subscription_id, stripe_customer_id, status, organisation_id (metadata, may be
 --   null), cancel_at_period_end, canceled_at (unix s), items: [{price_id, usage_type,
 --   current_period_start, current_period_end (unix s)}]}
--- p_invoice (invoice.paid) = {id, created, period_start, period_end, lines: [{period_start,
---   period_end}]}: the cycles whose usage it billed get its id and are closed.
+-- p_invoice (invoice.paid) = {id, created, lines: [{price_id, period_start, period_end}]}: its
+--   usage lines of subscription items; the cycle each metered line billed gets its id and closes
+--   (the invoice-level period is not a service period and is not used).
 -- Rules:
 -- - a state fetched no later than the stored one, or a live state over an ended subscription
 --   (canceled / incomplete_expired are terminal in Stripe), changes nothing;
@@ -53,19 +64,31 @@ $$;
 --   period_start), also when a usage report opened it first; older active cycles are closed; an
 --   ended subscription closes its active cycle. minutes_used is never touched;
 -- - a status or plan change writes an audit_log row with before and after;
--- - p_event_id is marked processed in the same transaction.
+-- - p_event_id is marked processed in the same transaction;
+-- - one organisation, one live subscription: a subscription live while the organisation has
+--   another live one is a duplicate when Stripe created it later (stripe_created, else our
+--   created_at). The result names it (`duplicate`: {kept, newer}) and the event stays unprocessed;
+--   shared/subscriptions.py cancels the newer one at Stripe and applies its canceled state. A
+--   newer one being applied now is not written at all, so it is never the organisation's live
+--   subscription;
+-- - a canceled state whose cancellation comment names the kept subscription (p_state ->
+--   duplicate_of) writes subscription.duplicate_canceled once, with the invoices to refund;
+-- - p_checkout_session_id: the Checkout Session that made the subscription is marked complete.
+-- p_state also carries created (unix s), latest_invoice and duplicate_of.
 create function public.apply_subscription_state(
   p_state jsonb,
   p_state_at timestamptz,
   p_event_id text default null,
   p_organisation_id uuid default null,
   p_invoice jsonb default null,
-  p_actor text default 'stripe-webhook'
+  p_actor text default 'stripe-webhook',
+  p_checkout_session_id text default null
 ) returns jsonb
 language plpgsql
 as $$
 declare
   c_terminal constant text[] := array['canceled', 'incomplete_expired'];
+  c_live constant text[] := array['active', 'trialing', 'past_due', 'unpaid'];
   c_uuid constant text := '^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$';
   v_stripe_id text := p_state ->> 'stripe_subscription_id';
   v_customer text := p_state ->> 'stripe_customer_id';
@@ -88,6 +111,10 @@ declare
   v_metered_end timestamptz;
   v_changed text[] := '{}';
   v_invoiced integer := 0;
+  v_org_id uuid;
+  v_created timestamptz;
+  v_kept text;
+  v_newer text;
 begin
   if v_stripe_id is null or v_customer is null or v_status is null or p_state_at is null then
     raise exception 'A subscription state needs stripe_subscription_id, stripe_customer_id, status and the time it was fetched.'
@@ -133,6 +160,54 @@ begin
     end if;
   end if;
 
+  -- Live while the organisation has another live subscription: the one Stripe created first is
+  -- kept, the other is the accident (a second checkout paid, one made in the Dashboard) and
+  -- Python cancels it at Stripe. The organisation lock makes applies of its subscriptions take
+  -- turns, so two racing (created A, created B) see each other: whichever commits second finds
+  -- the first, and both orders name the same newer one.
+  if (v_fresh and v_status = any (c_live)) or (not v_fresh and v_before.status = any (c_live)) then
+    v_org_id := coalesce(v_before.organisation_id, v_org);
+    perform pg_advisory_xact_lock(
+      hashtextextended('organisation_subscriptions:' || v_org_id::text, 0));
+    v_created := coalesce(to_timestamp((p_state ->> 'created')::bigint), v_before.stripe_created,
+                          v_before.created_at, now());
+    with candidates (stripe_subscription_id, born, created_at) as (
+      select s.stripe_subscription_id, coalesce(s.stripe_created, s.created_at), s.created_at
+        from public.subscriptions s
+       where s.organisation_id = v_org_id
+         and s.stripe_subscription_id <> v_stripe_id
+         and s.status = any (c_live)
+      union all
+      select v_stripe_id, v_created, coalesce(v_before.created_at, now())
+    ), ranked as (
+      select c.stripe_subscription_id,
+             row_number() over (order by c.born, c.created_at, c.stripe_subscription_id) as n
+        from candidates c
+    )
+    select (select r.stripe_subscription_id from ranked r where r.n = 1),
+           (select r.stripe_subscription_id from ranked r where r.n > 1
+             order by r.stripe_subscription_id = v_stripe_id desc, r.n limit 1)
+      into v_kept, v_newer;
+    -- The one applied now is the newer: it never becomes the organisation's live subscription
+    -- here (record_usage would meter against it). Nothing is written and the event stays
+    -- unprocessed until its canceled state is applied.
+    if v_newer = v_stripe_id then
+      return jsonb_build_object(
+        'status', 'duplicate',
+        'duplicate', jsonb_build_object('kept', v_kept, 'newer', v_newer),
+        'subscription_id', v_before.id,
+        'organisation_id', v_org_id,
+        'subscription_status', v_before.status,
+        'plan_id', v_before.plan_id,
+        'billing_period', v_before.billing_period,
+        'created', false,
+        'applied', false,
+        'changed', '[]'::jsonb,
+        'invoiced_cycles', 0
+      );
+    end if;
+  end if;
+
   if v_fresh then
     select coalesce(jsonb_agg(i -> 'price_id'), '[]'::jsonb) into v_prices
       from jsonb_array_elements(v_items) i;
@@ -163,12 +238,13 @@ begin
       insert into public.subscriptions as s (
         organisation_id, plan_id, stripe_subscription_id, stripe_customer_id, status,
         billing_period, current_period_start, current_period_end, cancel_at_period_end,
-        canceled_at, stripe_state_at
+        canceled_at, stripe_state_at, stripe_created
       ) values (
         v_org, (v_plan ->> 'plan_id')::uuid, v_stripe_id, v_customer, v_status,
         v_plan ->> 'billing_period', v_flat_start, v_flat_end,
         coalesce((p_state ->> 'cancel_at_period_end')::boolean, false),
-        to_timestamp((p_state ->> 'canceled_at')::bigint), p_state_at
+        to_timestamp((p_state ->> 'canceled_at')::bigint), p_state_at,
+        to_timestamp((p_state ->> 'created')::bigint)
       )
       returning s.* into v_after;
 
@@ -204,6 +280,8 @@ begin
              cancel_at_period_end = coalesce((p_state ->> 'cancel_at_period_end')::boolean, false),
              canceled_at = to_timestamp((p_state ->> 'canceled_at')::bigint),
              stripe_state_at = p_state_at,
+             stripe_created = coalesce(to_timestamp((p_state ->> 'created')::bigint),
+                                       s.stripe_created),
              updated_at = now()
        where s.id = v_before.id
       returning s.* into v_after;
@@ -252,29 +330,76 @@ begin
        where c.subscription_id = v_after.id and c.status = 'active'
          and c.period_start < v_metered_start;
     end if;
+
   end if;
 
-  -- An invoice bills a cycle's usage in arrears: a line (or the invoice) whose period ended by
-  -- the time the invoice was made names the cycle it closes. Valid whatever the state's age.
+  -- An invoice bills a cycle's metered usage in arrears: its usage lines (Python keeps the
+  -- subscription-item lines that are not prorations) of a plan's metered price, whose period
+  -- ended by the time the invoice was made, name the cycle their period starts in. The invoice's
+  -- own period_start/period_end are not a service period (the window in which invoice items
+  -- were collected): an invoice made mid-cycle (a plan change invoiced at once) names none.
+  -- Valid whatever the state's age.
   if p_invoice is not null then
     update public.billing_cycles c
        set stripe_invoice_id = p_invoice ->> 'id', status = 'closed', updated_at = now()
      where c.subscription_id = v_after.id
        and c.stripe_invoice_id is null
-       and c.period_start in (
-         select to_timestamp((l ->> 'period_start')::bigint)
+       and exists (
+         select 1
            from jsonb_array_elements(coalesce(p_invoice -> 'lines', '[]'::jsonb)) l
           where (l ->> 'period_end')::bigint <= (p_invoice ->> 'created')::bigint
             and (l ->> 'period_end')::bigint > (l ->> 'period_start')::bigint
-         union
-         select to_timestamp((p_invoice ->> 'period_start')::bigint)
-          where (p_invoice ->> 'period_end')::bigint <= (p_invoice ->> 'created')::bigint
-            and (p_invoice ->> 'period_end')::bigint > (p_invoice ->> 'period_start')::bigint
+            and to_timestamp((l ->> 'period_start')::bigint) >= c.period_start
+            and to_timestamp((l ->> 'period_start')::bigint) < c.period_end
+            and exists (
+              select 1 from public.billing_plans p
+               where p.stripe_metered_price_id = l ->> 'price_id')
        );
     get diagnostics v_invoiced = row_count;
   end if;
 
-  if p_event_id is not null then
+  -- A duplicate we canceled (our cancellation comment names the kept one, parsed by Python into
+  -- duplicate_of): recorded once, for a person. Refunds are NOT made here: whether and how much
+  -- to refund the duplicate's payments is a person's decision; the row lists what it paid.
+  if v_after.status = any (c_terminal) and p_state ->> 'duplicate_of' is not null
+     and not exists (
+       select 1 from public.audit_log a
+        where a.organisation_id = v_after.organisation_id
+          and a.action = 'subscription.duplicate_canceled'
+          and a.details ->> 'canceled' = v_stripe_id
+     ) then
+    insert into public.audit_log (organisation_id, actor, action, details)
+    values (v_after.organisation_id, p_actor, 'subscription.duplicate_canceled',
+      jsonb_build_object(
+        'kept', p_state ->> 'duplicate_of',
+        'canceled', v_stripe_id,
+        'invoices_to_refund', (
+          select coalesce(jsonb_agg(i.id order by i.id), '[]'::jsonb)
+            from (
+              select p_state ->> 'latest_invoice'
+              union
+              select c.stripe_invoice_id from public.billing_cycles c
+               where c.subscription_id = v_after.id
+            ) as i (id)
+           where i.id is not null),
+        'event_id', p_event_id));
+  end if;
+
+  -- The Checkout Session that made this subscription is complete: the next click is refused
+  -- (already_subscribed, or checkout_completed) without asking Stripe. The table comes with a
+  -- later migration (0030); until it exists there is nothing to mark.
+  if p_checkout_session_id is not null
+     and to_regclass('public.checkout_sessions') is not null then
+    update public.checkout_sessions c
+       set status = 'complete',
+           closed_at = coalesce(c.closed_at, now()),
+           stripe_subscription_id = v_stripe_id
+     where c.stripe_session_id = p_checkout_session_id
+       and (c.status <> 'complete' or c.stripe_subscription_id is distinct from v_stripe_id);
+  end if;
+
+  -- Not while a newer duplicate is still live: the event is done once Python canceled it.
+  if p_event_id is not null and v_newer is null then
     update public.stripe_events e
        set status = 'processed', processed_at = now(), error = null
      where e.id = p_event_id;
@@ -290,7 +415,9 @@ begin
     'created', not v_exists,
     'applied', v_fresh,
     'changed', to_jsonb(v_changed),
-    'invoiced_cycles', v_invoiced
+    'invoiced_cycles', v_invoiced,
+    'duplicate', case when v_newer is not null
+                      then jsonb_build_object('kept', v_kept, 'newer', v_newer) end
   );
 end;
 $$;
@@ -306,11 +433,15 @@ as $$
 $$;
 
 revoke all on function public.plan_for_stripe_prices(jsonb) from public, anon, authenticated;
-revoke all on function public.apply_subscription_state(jsonb, timestamptz, text, uuid, jsonb, text)
+revoke all on function public.stripe_fetch_started_at() from public, anon, authenticated;
+revoke all on function
+  public.apply_subscription_state(jsonb, timestamptz, text, uuid, jsonb, text, text)
   from public, anon, authenticated;
 revoke all on function public.subscriptions_to_resync() from public, anon, authenticated;
 grant execute on function public.plan_for_stripe_prices(jsonb) to service_role;
-grant execute on function public.apply_subscription_state(jsonb, timestamptz, text, uuid, jsonb, text)
+grant execute on function public.stripe_fetch_started_at() to service_role;
+grant execute on function
+  public.apply_subscription_state(jsonb, timestamptz, text, uuid, jsonb, text, text)
   to service_role;
 grant execute on function public.subscriptions_to_resync() to service_role;
 

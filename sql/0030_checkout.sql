@@ -18,7 +18,13 @@ create table public.checkout_sessions (
   stripe_session_id text unique,
   url text,
   expires_at timestamptz,
-  created_at timestamptz not null default now()
+  created_at timestamptz not null default now(),
+  -- open (as far as we know), expired (by us, or found expired at Stripe), complete (found paid
+  -- at Stripe, or completed by its webhook; stripe_subscription_id is what it made)
+  status text not null default 'open'
+    constraint checkout_sessions_status_check check (status in ('open', 'expired', 'complete')),
+  closed_at timestamptz,
+  stripe_subscription_id text
 );
 create index checkout_sessions_choice_idx
   on public.checkout_sessions (organisation_id, plan_id, billing_period, created_at desc);
@@ -88,6 +94,15 @@ $$;
 -- (and not expired) is returned, whether Stripe already answered for it or not; otherwise a new
 -- row is claimed. The window runs from the first click, not from clock buckets, so two clicks a
 -- second apart always meet, whatever the time of day.
+-- One open Checkout Session per organisation (paying two would make two live subscriptions
+-- and charge the setup fee twice); all under the per-organisation lock:
+-- - 409 checkout_completed while a session found paid has no subscription row yet (its webhook
+--   is on its way: a new checkout would charge the organisation twice);
+-- - 409 checkout_in_progress while another choice (plan or period) of the organisation has a
+--   claim younger than p_reuse_seconds that Stripe has not answered yet: its session could not be
+--   expired, since its id is not known (the browser retries);
+-- - a session is reused only while open, and `open_sessions` lists the organisation's other
+--   sessions open at Stripe, which the caller expires before opening the claimed one.
 create function public.begin_checkout(
   p_user_id uuid,
   p_organisation_id uuid,
@@ -107,6 +122,7 @@ declare
   v_plan public.billing_plans%rowtype;
   v_session public.checkout_sessions%rowtype;
   v_has_had_subscription boolean;
+  v_open_sessions jsonb;
 begin
   if p_billing_period is null or p_billing_period not in ('monthly', 'yearly') then
     raise exception 'billing_period: must be monthly or yearly.'
@@ -145,11 +161,36 @@ begin
 
   -- Concurrent clicks for one organisation queue here for the few statements below.
   perform pg_advisory_xact_lock(hashtextextended('checkout:' || v_organisation_id::text, 0));
+  if exists (
+    select 1 from public.checkout_sessions c
+     where c.organisation_id = v_organisation_id
+       and c.status = 'complete'
+       and not exists (
+         select 1 from public.subscriptions s
+          where s.stripe_subscription_id = c.stripe_subscription_id
+       )
+  ) then
+    raise exception 'A payment for this organisation has just completed; wait a moment and reload.'
+      using errcode = 'MB409', hint = 'checkout_completed';
+  end if;
+  if exists (
+    select 1 from public.checkout_sessions c
+     where c.organisation_id = v_organisation_id
+       and c.status = 'open'
+       and c.stripe_session_id is null
+       and c.created_at > now() - make_interval(secs => p_reuse_seconds)
+       and (c.plan_id, c.billing_period) is distinct from (p_plan_id, p_billing_period)
+  ) then
+    raise exception 'Another checkout for this organisation is being opened; try again in a moment.'
+      using errcode = 'MB409', hint = 'checkout_in_progress';
+  end if;
+
   select * into v_session
     from public.checkout_sessions c
    where c.organisation_id = v_organisation_id
      and c.plan_id = p_plan_id
      and c.billing_period = p_billing_period
+     and c.status = 'open'
      and c.created_at > now() - make_interval(secs => p_reuse_seconds)
      and (c.expires_at is null or c.expires_at > now())
    order by c.created_at desc
@@ -161,6 +202,21 @@ begin
       (v_organisation_id, p_plan_id, p_billing_period, p_user_id, p_success_url, p_cancel_url)
     returning * into v_session;
   end if;
+
+  select coalesce(
+           jsonb_agg(
+             jsonb_build_object('id', c.id, 'stripe_session_id', c.stripe_session_id)
+             order by c.created_at
+           ),
+           '[]'::jsonb
+         )
+    into v_open_sessions
+    from public.checkout_sessions c
+   where c.organisation_id = v_organisation_id
+     and c.id <> v_session.id
+     and c.status = 'open'
+     and c.stripe_session_id is not null
+     and (c.expires_at is null or c.expires_at > now());
 
   return jsonb_build_object(
     'organisation', v_organisation,
@@ -178,7 +234,8 @@ begin
       'cancel_url', v_session.cancel_url,
       'stripe_session_id', v_session.stripe_session_id,
       'url', v_session.url
-    )
+    ),
+    'open_sessions', v_open_sessions
   );
 end;
 $$;
@@ -249,6 +306,53 @@ begin
 end;
 $$;
 
+-- Record what became of a session at Stripe (p_status: expired or complete, with the
+-- subscription it made), once, with its audit row; p_user_id is the user whose click closed it.
+-- A session already recorded closed is left as it is.
+create function public.record_checkout_closed(
+  p_checkout_id uuid,
+  p_status text,
+  p_stripe_subscription_id text,
+  p_user_id uuid
+)
+returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_session public.checkout_sessions%rowtype;
+begin
+  if p_status is null or p_status not in ('expired', 'complete') then
+    raise exception 'status: must be expired or complete.'
+      using errcode = 'MB422', hint = 'validation_error';
+  end if;
+  update public.checkout_sessions c
+     set status = p_status, closed_at = now(), stripe_subscription_id = p_stripe_subscription_id
+   where c.id = p_checkout_id and c.status = 'open'
+  returning * into v_session;
+  if found then
+    insert into public.audit_log (organisation_id, actor, action, details)
+    values (
+      v_session.organisation_id,
+      p_user_id::text,
+      case p_status when 'expired' then 'checkout.expired' else 'checkout.completed' end,
+      jsonb_build_object(
+        'plan_id', v_session.plan_id,
+        'billing_period', v_session.billing_period,
+        'session_id', v_session.stripe_session_id
+      )
+    );
+  else
+    select * into v_session from public.checkout_sessions c where c.id = p_checkout_id;
+    if not found then
+      raise exception 'The checkout was not found.'
+        using errcode = 'MB404', hint = 'checkout_not_found';
+    end if;
+  end if;
+  return jsonb_build_object('session_id', v_session.stripe_session_id, 'status', v_session.status);
+end;
+$$;
+
 revoke all on function public.billing_organisation_for(uuid, uuid) from public, anon, authenticated;
 revoke all on function public.begin_checkout(uuid, uuid, uuid, text, text, text, integer)
   from public, anon, authenticated;
@@ -260,5 +364,8 @@ grant execute on function public.begin_checkout(uuid, uuid, uuid, text, text, te
   to service_role;
 grant execute on function public.set_organisation_customer(uuid, text) to service_role;
 grant execute on function public.record_checkout_session(uuid, text, text, bigint) to service_role;
+revoke all on function public.record_checkout_closed(uuid, text, text, uuid)
+  from public, anon, authenticated;
+grant execute on function public.record_checkout_closed(uuid, text, text, uuid) to service_role;
 
 -- migrate:down
