@@ -8,11 +8,14 @@ come from a web page and are left to authentication.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import wraps
 from urllib.parse import unquote, urlsplit
 
 import flask
 
 from shared.errors import ConfigError, Forbidden
+from shared.http import Handler, endpoint
 from shared.settings import Settings, get_settings
 
 ALLOW_METHODS = "POST, OPTIONS"
@@ -84,3 +87,21 @@ def preflight(request: flask.Request, settings: Settings) -> flask.Response:
     response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
     response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
     return response
+
+
+def browser_endpoint(settings: Settings) -> Callable[[Handler], Handler]:
+    """A POST entry point for the website: CORS on every answer, the preflight answered, and
+    requests from other origins refused before `handler` runs."""
+
+    def wrap(handler: Handler) -> Handler:
+        @endpoint(methods=("POST", "OPTIONS"), headers=cors_headers)
+        @wraps(handler)
+        def run(request: flask.Request) -> flask.Response:
+            if request.method == "OPTIONS":
+                return preflight(request, settings)
+            require_website_origin(request, settings)
+            return handler(request)
+
+        return run
+
+    return wrap

@@ -248,6 +248,20 @@ def post(
     return client.post("/", data=data, headers=headers)
 
 
+def clicks_at_once(client: Any, user: str, orders: list[Any]) -> list[Any]:
+    """Every order POSTed by `user` at the same moment, each from its own thread (a double click,
+    several tabs); the responses in order."""
+    start = threading.Barrier(len(orders))
+
+    def click(order: Any) -> Any:
+        own_client = client.application.test_client()
+        start.wait()
+        return post(own_client, order, user=user)
+
+    with ThreadPoolExecutor(max_workers=len(orders)) as pool:
+        return list(pool.map(click, orders))
+
+
 def error_code(response: Any) -> str:
     return str(response.get_json()["error"]["code"])
 
@@ -1080,25 +1094,13 @@ def test_a_click_after_a_failed_one_reuses_its_idempotency_key(
 def test_twenty_concurrent_clicks_make_one_customer_and_one_session(
     client: Any, buyer: dict[str, Any], make_plan: Callable[..., Any], db: Any
 ) -> None:
-    body = json.dumps({"plan_id": str(make_plan()["id"]), "billing_period": "monthly"})
-    headers = {
-        "Content-Type": "application/json",
-        "Origin": WEBSITE_URL,
-        "Authorization": f"Bearer {user_token(buyer['user'])}",
-    }
-    start = threading.Barrier(20)
-
-    def click(_: int) -> Any:
-        own_client = client.application.test_client()
-        start.wait()
-        return own_client.post("/", data=body, headers=headers)
+    order = {"plan_id": str(make_plan()["id"]), "billing_period": "monthly"}
 
     # Worst case for customers: Stripe forgets the key (past its 24 hours) and makes a new one per
     # request, so only our SQL can keep the organisation to one customer.
     with respx.mock(assert_all_called=False) as router:
         stripe_api = FakeStripe(router, idempotent_customers=False)
-        with ThreadPoolExecutor(max_workers=20) as pool:
-            responses = list(pool.map(click, range(20)))
+        responses = clicks_at_once(client, buyer["user"], [order] * 20)
 
     assert [r.status_code for r in responses] == [200] * 20, [r.get_json() for r in responses]
     assert len({r.get_json()["session_id"] for r in responses}) == 1
@@ -1290,22 +1292,10 @@ def test_concurrent_clicks_on_two_plans_leave_one_open_session(
     client: Any, buyer: dict[str, Any], make_plan: Callable[..., Any], db: Any
 ) -> None:
     plans = [make_plan(), make_plan()]
-    headers = {
-        "Content-Type": "application/json",
-        "Origin": WEBSITE_URL,
-        "Authorization": f"Bearer {user_token(buyer['user'])}",
-    }
-    start = threading.Barrier(10)
-
-    def click(i: int) -> Any:
-        own_client = client.application.test_client()
-        start.wait()
-        return own_client.post("/", data=json.dumps(choice(plans[i % 2])), headers=headers)
 
     with respx.mock(assert_all_called=False) as router:
         stripe_api = FakeStripe(router)
-        with ThreadPoolExecutor(max_workers=10) as pool:
-            responses = list(pool.map(click, range(10)))
+        responses = clicks_at_once(client, buyer["user"], [choice(plans[i % 2]) for i in range(10)])
 
     outcomes = {(r.status_code, r.get_json().get("error", {}).get("code")) for r in responses}
     assert outcomes <= {(200, None), (409, "checkout_in_progress")}, outcomes

@@ -9,7 +9,6 @@ all end the same way.
 from __future__ import annotations
 
 import json
-import threading
 import urllib.parse
 from typing import Any
 
@@ -20,6 +19,7 @@ from tests.test_webhook_support import (
     audit_rows,
     cycle_rows,
     deliver,
+    deliver_together,
     event_row,
     new_id,
     subscribed,
@@ -58,25 +58,6 @@ def duplicate_audits(db: Any, org_id: Any) -> list[dict[str, Any]]:
         for row in audit_rows(db, org_id)
         if row["action"] == "subscription.duplicate_canceled"
     ]
-
-
-def deliver_together(webhook: Any, events: list[Any]) -> list[tuple[int, Any]]:
-    """Deliver every event at the same moment, each on its own thread; (status, body) each."""
-    start = threading.Barrier(len(events))
-    answers: list[tuple[int, Any]] = []
-
-    def send(event: Any) -> None:
-        client = webhook.application.test_client()
-        start.wait()
-        response = deliver(client, event)
-        answers.append((response.status_code, response.get_json()))
-
-    threads = [threading.Thread(target=send, args=(event,)) for event in events]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return answers
 
 
 def assert_newer_canceled(db: Any, stripe_api: StripeStandIn, kept: Buyer, newer: Buyer) -> None:

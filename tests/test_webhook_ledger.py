@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +20,7 @@ from tests.test_webhook_support import (
     audit_rows,
     checkout_session_object,
     deliver,
+    deliver_together,
     event_object,
     event_row,
     invoice_object,
@@ -190,21 +190,7 @@ def test_the_same_event_delivered_concurrently_has_one_effect(db, webhook, strip
     stripe_api.subscriptions[buyer.sub_id] = buyer.subscription()
     stripe_api.delay_seconds = 0.3  # keep the first delivery busy while the others arrive
     event = buyer.checkout_event()
-    body = json.dumps(event)
-    start = threading.Barrier(8)
-    answers: list[tuple[int, dict[str, Any]]] = []
-
-    def send() -> None:
-        client = webhook.application.test_client()
-        start.wait()
-        response = deliver(client, body)
-        answers.append((response.status_code, response.get_json()))
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = deliver_together(webhook, [json.dumps(event)] * 8)
 
     processed = [
         body for status, body in answers if status == 200 and body["status"] == "processed"
@@ -241,20 +227,7 @@ def test_different_events_racing_for_a_new_subscription_make_one_row(
         buyer.subscription_event(kind)
         for kind in ("customer.subscription.created", "customer.subscription.updated") * 2
     ]
-    start = threading.Barrier(len(events))
-    answers: list[tuple[int, dict[str, Any]]] = []
-
-    def send(event: dict[str, Any]) -> None:
-        client = webhook.application.test_client()
-        start.wait()
-        response = deliver(client, event)
-        answers.append((response.status_code, response.get_json()))
-
-    threads = [threading.Thread(target=send, args=(event,)) for event in events]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = deliver_together(webhook, events)
 
     assert [status for status, _ in answers] == [200] * len(events), answers
     assert (

@@ -270,6 +270,26 @@ def deliver(
     )
 
 
+def deliver_together(webhook: Any, events: list[Any]) -> list[tuple[int, Any]]:
+    """Deliver every event (a dict, or a body as sent) at the same moment, each on its own
+    thread, as Stripe's concurrent deliveries do; (status, body) of each answer."""
+    start = threading.Barrier(len(events))
+    answers: list[tuple[int, Any]] = []
+
+    def send(event: Any) -> None:
+        client = webhook.application.test_client()
+        start.wait()
+        response = deliver(client, event)
+        answers.append((response.status_code, response.get_json()))
+
+    threads = [threading.Thread(target=send, args=(event,)) for event in events]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
 CANCEL_PARAMS = frozenset(
     {
         "invoice_now",

@@ -9,9 +9,9 @@ import flask
 
 from shared.auth import require_user
 from shared.checkout import browser_settings
-from shared.cors import cors_headers, preflight, require_website_origin
+from shared.cors import browser_endpoint
 from shared.db import get_database
-from shared.http import endpoint, json_response, parse_body
+from shared.http import json_response, parse_body
 from shared.portal import PortalRequest, open_billing_portal
 from shared.stripe_api import make_stripe_client
 
@@ -20,11 +20,8 @@ settings = browser_settings()
 stripe_client = make_stripe_client(settings)
 
 
-@endpoint(methods=("POST", "OPTIONS"), headers=cors_headers)
+@browser_endpoint(settings)
 def create_portal_session(request: flask.Request) -> flask.Response:
-    if request.method == "OPTIONS":
-        return preflight(request, settings)
-    require_website_origin(request, settings)
     caller = require_user(request, settings)
     order = parse_body(request, PortalRequest)
     result = open_billing_portal(
