@@ -71,11 +71,14 @@ def port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Until `process` answers on `port`; RuntimeError when it exits or stays silent."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not port_free(port):
             return
+        if process.poll() is not None:
+            raise RuntimeError(f"the function for port {port} exited; see its output above")
         time.sleep(0.1)
     raise RuntimeError(f"nothing answered on 127.0.0.1:{port} within {timeout:.0f} s")
 
@@ -227,11 +230,8 @@ class Stack:
                 )
             )
             self.urls[name] = f"http://127.0.0.1:{port}/"
-        for name, url in self.urls.items():
-            port = int(url.rsplit(":", 1)[1].strip("/"))
-            wait_for_port(port)
-            if any(process.poll() is not None for process in self.processes):
-                raise RuntimeError(f"{name} did not start; see its output above")
+        for url, process in zip(self.urls.values(), self.processes, strict=True):
+            wait_for_port(int(url.rsplit(":", 1)[1].strip("/")), process)
 
     def stop(self) -> None:
         for process in self.processes:

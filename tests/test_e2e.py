@@ -6,6 +6,7 @@ This is `./deploy.sh local`'s own stack (devtools.local), so the newcomer's path
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 import uuid
@@ -23,19 +24,23 @@ from tests.openapi_check import assert_documented
 
 
 def free_port_block(size: int) -> int:
-    """A base port with `size` free ports after it (good enough on a quiet test machine)."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        if base + size < 65000 and all(_free(base + i) for i in range(size + 1)):
+    """A base port with `size` free ports after it, below the ephemeral range (32768 up), where
+    the tests' own outgoing connections could hold a port the functions then fail to bind."""
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(20000, 32000 - size)
+        if all(_bindable(base + i) for i in range(size)):
             return base
     raise RuntimeError("no free block of ports")
 
 
-def _free(port: int) -> bool:
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
