@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import httpx
 import stripe
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -35,6 +36,8 @@ FUTURE_TOLERANCE = timedelta(minutes=5)  # what Stripe accepts for a meter event
 DEFAULT_FLUSH_LIMIT = 100
 
 Seconds = Annotated[float, Field(strict=True, ge=0, le=MAX_CALL_SECONDS, allow_inf_nan=False)]
+Outcome = Literal["sent", "retry", "unknown", "failed"]
+
 Minutes = Annotated[float, Field(strict=True, ge=0, le=MAX_CALL_SECONDS // 60, allow_inf_nan=False)]
 
 
@@ -198,8 +201,8 @@ def deliver(
 
 def send_meter_event(
     client: stripe.StripeClient, settings: Settings, event: MeterEvent
-) -> tuple[Literal["sent", "retry", "failed"], str | None]:
-    """POST one meter event: ("sent", None), ("retry", why) or ("failed", Stripe's reason)."""
+) -> tuple[Outcome, str | None]:
+    """POST one meter event: ("sent", None), or the outcome to keep and Stripe's reason."""
     try:
         client.v1.billing.meter_events.create(
             params={
@@ -220,17 +223,28 @@ def send_meter_event(
             return "sent", None
         reason = describe(error)
         log.warning("meter event %s not delivered: %s", event.identifier, reason)
-        return ("failed" if refused(error) else "retry"), reason
+        return failure_outcome(error), reason
     return "sent", None
 
 
-def refused(error: stripe.StripeError) -> bool:
-    """Stripe rejected the event itself (400: too old, malformed): no later attempt can succeed.
+def failure_outcome(error: stripe.StripeError) -> Outcome:
+    """What a failed attempt tells: refused for good, not recorded, or perhaps recorded.
 
-    Anything else is retried: no answer, 5xx, 429, 409, and our own key refused (401, 403), which
-    an operator fixes without the usage being lost meanwhile.
+    "failed": Stripe rejected the event itself (400: too old, malformed); no later attempt can
+    succeed. "retry": Stripe certainly did not record it (no connection was made, 429, our own
+    key refused (401, 403), which an operator fixes without the usage being lost meanwhile).
+    "unknown": no answer or a 5xx; Stripe may have recorded it, so it is resent only within
+    Stripe's identifier window (the SQL makes it `unconfirmed` after that).
     """
-    return error.http_status == 400 and not is_retriable(error)
+    if isinstance(error, stripe.APIConnectionError):
+        not_sent = isinstance(error.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+        return "retry" if not_sent else "unknown"
+    status = error.http_status or 0
+    if status in (401, 403, 429):
+        return "retry"
+    if status == 400 and not is_retriable(error):
+        return "failed"
+    return "unknown"
 
 
 def already_recorded(error: stripe.StripeError) -> bool:

@@ -2,7 +2,8 @@
 
     read_event_body(request)                   413 over MAX_EVENT_BYTES, before anything is parsed
     verify_event(body, signature, secrets)     400 unless one of the secrets signed this body in
-                                               the last 300 s; 400 when it is not an event
+                                               the last 300 s; 400 when it is not an event; the
+                                               event made storable (see `storable`)
     process_event(event, database, client)     claim in `stripe_events` -> handler -> processed |
                                                ignored | duplicate; a failure is stored, then raised
 
@@ -21,11 +22,18 @@ of ours in it (an organisation we do not have, a customer no organisation owns a
 organisation_id metadata, an invoice without a subscription) is answered 200 `ignored` and keeps
 the reason on its row: no retry could change it, and the checkout that links an organisation
 carries the organisation itself, so ignoring an early subscription event loses nothing.
+
+A completed Checkout Session links an organisation only when we opened it (our
+`checkout_sessions` row names the organisation) or its `metadata.organisation_id` does (only our
+server writes session metadata). Payment links and pricing tables on the same Stripe account make
+sessions too, and their `client_reference_id` is whatever the buyer's page put there: alone, it
+links nothing.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -57,6 +65,12 @@ SIGNATURE_TOLERANCE_SECONDS = 300
 SECRET_KEYS = frozenset(
     {"client_secret", "url", "hosted_invoice_url", "invoice_pdf", "receipt_url"}
 )
+
+# What Postgres text and jsonb refuse although JSON allows it: U+0000 (`\u0000`), and a lone
+# surrogate (`\ud800` unpaired), which cannot even be encoded as UTF-8. Either one in a customer
+# name or a metadata value of a signed event would fail its storage on every retry, forever.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
 
 
 class _EventData(BaseModel):
@@ -106,7 +120,7 @@ def verify_event(body: bytes, signature: str | None, secrets: Sequence[str]) -> 
             code="invalid_signature",
         )
     try:
-        event = json.loads(payload)
+        event = storable(json.loads(payload))
     except ValueError as exc:
         raise BadRequest("The body is not valid JSON.", code="invalid_json") from exc
     try:
@@ -145,22 +159,50 @@ def _sync(context: EventContext, subscription_id: str, **options: Any) -> str:
     return str(result["status"])
 
 
+def checkout_owner(session: dict[str, Any], context: EventContext) -> tuple[str | None, str]:
+    """(organisation, "") for a session of ours, else (None, why it links nothing).
+
+    Ours: our `checkout_sessions` row opened it (its organisation, whatever the session says),
+    or, without a row (lost), its `metadata.organisation_id`. client_reference_id never counts:
+    on a payment link or pricing table the buyer's page sets it to anything, another
+    organisation's id included. Metadata naming another organisation than our row is not
+    guessed between: nothing is linked and a person looks at the stored reason.
+    """
+    session_id = stripe_id(session.get("id"))
+    metadata = session.get("metadata") or {}
+    claimed = metadata.get("organisation_id")
+    row = (
+        context.database.call("checkout_session_organisation", p_stripe_session_id=session_id)
+        if session_id
+        else None
+    )
+    if row is not None:
+        ours = str(row["organisation_id"])
+        if claimed is not None and organisation_id(claimed) != ours:
+            return None, (
+                f"checkout session {session_id} was opened for organisation {ours} but its"
+                f" metadata.organisation_id is {claimed!r}: nothing linked"
+            )
+        return ours, ""
+    if (organisation := organisation_id(claimed)) is not None:
+        return organisation, ""
+    return None, (
+        f"checkout session {session.get('id')} is not one we opened (no checkout_sessions row)"
+        " and has no metadata.organisation_id; its client_reference_id"
+        f" {session.get('client_reference_id')!r} alone links nothing"
+    )
+
+
 def on_checkout_completed(session: dict[str, Any], context: EventContext) -> str:
     """The organisation gets its customer, its subscription and its first cycle; a yearly plan its
-    metered item; our `checkout_sessions` row is marked complete. A session that is not ours (no
-    organisation, no subscription) is ignored."""
+    metered item; our `checkout_sessions` row is marked complete. A session that is not ours (see
+    `checkout_owner`) or made no subscription is ignored."""
     subscription_id = stripe_id(session.get("subscription"))
     if session.get("mode") != "subscription" or subscription_id is None:
         return _ignore(context, f"checkout session {session.get('id')} created no subscription")
-    organisation = organisation_id(
-        (session.get("metadata") or {}).get("organisation_id")
-    ) or organisation_id(session.get("client_reference_id"))
+    organisation, reason = checkout_owner(session, context)
     if organisation is None:
-        return _ignore(
-            context,
-            f"checkout session {session.get('id')} names no organisation"
-            " (metadata.organisation_id or client_reference_id)",
-        )
+        return _ignore(context, reason)
     return _sync(
         context,
         subscription_id,
@@ -197,6 +239,21 @@ HANDLERS: dict[str, Handler] = {
     "invoice.paid": partial(on_invoice_event, paid=True),
     "invoice.payment_failed": partial(on_invoice_event, paid=False),
 }
+
+
+def storable(value: Any) -> Any:
+    """`value` with every U+0000 and lone surrogate, in keys and strings, replaced by U+FFFD.
+
+    Replaced, not removed: the stored event still shows that a character was there, and two keys
+    merge only if Stripe sent both spellings (the later one then wins, as in `json.loads`).
+    """
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(REPLACEMENT, value)
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
 
 
 def without_secrets(value: Any) -> Any:

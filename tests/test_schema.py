@@ -40,8 +40,8 @@ def two_orgs(db, make_user, make_org, make_plan) -> dict[str, Any]:
         ).fetchone()
         cycle = db.execute(
             "insert into billing_cycles (organisation_id, subscription_id, period_start,"
-            " period_end, included_minutes) values (%s, %s, now(), now() + interval '1 month',"
-            " 500) returning id",
+            " period_end, included_minutes, overage_rate_cents)"
+            " values (%s, %s, now(), now() + interval '1 month', 500, 50) returning id",
             (org["id"], sub["id"]),
         ).fetchone()
         usage = db.execute(

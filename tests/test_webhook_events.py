@@ -350,7 +350,8 @@ def test_a_cycle_a_usage_report_opened_first_is_confirmed_not_duplicated(
     # it opens the predicted next period, and counts minutes in it.
     db.execute(
         "insert into billing_cycles (organisation_id, subscription_id, period_start, period_end,"
-        " included_minutes, minutes_used) select organisation_id, id, %s, %s, 500, 7"
+        " included_minutes, overage_rate_cents, minutes_used)"
+        " select organisation_id, id, %s, %s, 500, 50, 7"
         " from subscriptions where stripe_subscription_id = %s",
         (ts(month(1)[0]), ts(month(1)[0] + 31 * 86_400), buyer.sub_id),
     )
