@@ -6,11 +6,16 @@ This is `./deploy.sh local`'s own stack (devtools.local), so the newcomer's path
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +24,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from devtools.local import DEMO_ORG_ID, Stack, local_secrets, owner_token, running
+from ops.catalog import ROOT, load_plans
 from tests.conftest import create_database
 from tests.openapi_check import assert_documented
 
@@ -273,13 +279,7 @@ def test_yearly_customer_gets_the_monthly_metered_item(
     client: Client, db: psycopg.Connection[dict[str, Any]]
 ) -> None:
     growth = plan(db, "Growth")
-    owner, org = str(uuid.uuid4()), str(uuid.uuid4())
-    db.execute("insert into auth.users (id, email) values (%s, 'y@example.com')", (owner,))
-    db.execute(
-        "insert into organisations (id, name, owner_id) values (%s, 'Yearly Ltd', %s)", (org, owner)
-    )
-    db.execute("insert into organisation_members values (%s, %s, 'owner')", (org, owner))
-    headers = {"Authorization": f"Bearer {_token_for(client, owner)}"}
+    org, headers = new_organisation(client, db, "Yearly Ltd")
     order = {"plan_id": str(growth["id"]), "billing_period": "yearly"}
     session = client.call(
         "create-checkout-session", "POST", expect=200, headers=headers, json=order
@@ -316,6 +316,21 @@ def test_yearly_customer_gets_the_monthly_metered_item(
     )
 
 
+def new_organisation(
+    client: Client, db: psycopg.Connection[dict[str, Any]], name: str
+) -> tuple[str, dict[str, str]]:
+    """A fresh organisation and its owner: (organisation id, the owner's Authorization header)."""
+    owner, org = str(uuid.uuid4()), str(uuid.uuid4())
+    db.execute(
+        "insert into auth.users (id, email) values (%s, %s)", (owner, f"{owner}@example.com")
+    )
+    db.execute(
+        "insert into organisations (id, name, owner_id) values (%s, %s, %s)", (org, name, owner)
+    )
+    db.execute("insert into organisation_members values (%s, %s, 'owner')", (org, owner))
+    return org, {"Authorization": f"Bearer {_token_for(client, owner)}"}
+
+
 def _one_cycle(db: psycopg.Connection[dict[str, Any]], org: str) -> list[dict[str, Any]]:
     found = cycles(db, org)
     assert len(found) == 1
@@ -336,3 +351,192 @@ def _token_for(client: Client, user_id: str) -> str:
     return str(
         jwt.encode(claims, local_secrets(client.stack.data)["jwt_secret"], algorithm="HS256")
     )
+
+
+def test_catalogue_change_mid_run_keeps_subscribers_on_their_prices(
+    client: Client, db: psycopg.Connection[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The operator changes Starter's terms while A is subscribed: B checks out on the new prices,
+    A keeps the old ones (Stripe bills A's usage at A's tiers) until A cancels.
+
+    Kept last in the module: it changes the stack's Starter plan, which the tests above buy."""
+    before = plan(db, "Starter")
+    assert (before["included_minutes"], before["overage_rate_cents"]) == (500, 50)
+    org_a, owner_a = new_organisation(client, db, "Old Terms Ltd")
+    org_b, owner_b = new_organisation(client, db, "New Terms Ltd")
+
+    # A subscribes on today's catalogue and talks 300 minutes.
+    sub_a = _subscribe(client, db, org_a, owner_a, before)
+    assert sub_a["stripe_metered_price_id"] == before["stripe_metered_price_id"]
+    assert client.report(org_a, "a-1", 300 * 60)["minutes_used"] == 300
+
+    # The operator changes Starter: 800 included minutes, 40 cents a minute above them.
+    plans_file = tmp_path / "plans.toml"
+    plans_file.write_text(_catalogue_with("starter", included_minutes=800, overage_rate_cents=40))
+    starter_terms = next(p for p in load_plans(plans_file)["plans"] if p["key"] == "starter")
+    assert (starter_terms["included_minutes"], starter_terms["overage_rate_cents"]) == (800, 40)
+    synced = subprocess.run(
+        [sys.executable, "-m", "ops.catalog", "--plans", str(plans_file)],
+        env={**os.environ, **client.stack.env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    after = plan(db, "Starter")
+    old_metered, new_metered = before["stripe_metered_price_id"], after["stripe_metered_price_id"]
+    assert f"price mb_starter_metered: replaced {old_metered} with {new_metered}" in synced.stdout
+    assert (after["included_minutes"], after["overage_rate_cents"], after["active"]) == (
+        800,
+        40,
+        True,
+    )
+    # The flat prices did not change, so they are the same Stripe prices.
+    assert after["stripe_price_id"] == before["stripe_price_id"]
+    assert "not in the plans file" not in synced.stdout  # no plan taken off sale
+    versions = {
+        row["stripe_price_id"]: row
+        for row in db.execute(
+            "select * from billing_plan_prices where plan_id = %s and kind = 'metered'",
+            (after["id"],),
+        ).fetchall()
+    }
+    assert {
+        k: (v["included_minutes"], v["overage_rate_cents"], v["active"])
+        for k, v in versions.items()
+    } == {
+        old_metered: (500, 50, False),
+        new_metered: (800, 40, True),
+    }
+    prices = client.stripe_state()["prices"]
+    assert prices[new_metered]["lookup_key"] == "mb_starter_metered"
+    assert prices[old_metered]["active"] and prices[old_metered]["lookup_key"] is None
+    assert _tiers(prices[old_metered]) == [(500, 0), (None, 50)]
+    assert _tiers(prices[new_metered]) == [(800, 0), (None, 40)]
+
+    # B subscribes to the same plan and gets the new prices.
+    sub_b = _subscribe(client, db, org_b, owner_b, after)
+    assert sub_b["stripe_metered_price_id"] == new_metered
+    # A is still on the old ones: 200 minutes over the old 500 (none over the new 800).
+    a_now = client.call(
+        "report-usage", "GET", expect=200, headers=client.service, params={"org_id": org_a}
+    )
+    assert (a_now["allowed"], a_now["plan"]["name"], a_now["included_minutes"]) == (
+        True,
+        "Starter",
+        500,
+    )
+    over = client.report(org_a, "a-2", 400 * 60)
+    assert (over["minutes_used"], over["included_minutes"], over["overage_minutes"]) == (
+        700,
+        500,
+        200,
+    )
+    assert (over["overage_cost_cents"], over["meter_status"]) == (200 * 50, "sent")
+    b_used = client.report(org_b, "b-1", 850 * 60)
+    assert (b_used["included_minutes"], b_used["overage_minutes"]) == (800, 50)
+    assert (b_used["overage_cost_cents"], b_used["meter_status"]) == (50 * 40, "sent")
+
+    # Renewals: Stripe invoices each customer's usage at the tiers of the price they are on, and
+    # each closed cycle says what that invoice line says.
+    for org, sub, metered, included, rate in (
+        (org_a, sub_a, old_metered, 500, 50),
+        (org_b, sub_b, new_metered, 800, 40),
+    ):
+        renewal = client.standin(f"subscriptions/{sub['stripe_subscription_id']}/advance")
+        invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+        [usage_line] = [
+            line
+            for line in invoice["lines"]["data"]
+            if line["pricing"]["price_details"]["price"] == metered
+        ]
+        closed, current = cycles(db, org)
+        assert closed["status"] == "closed" and closed["stripe_invoice_id"] == invoice["id"]
+        assert closed["minutes_used"] == usage_line["quantity"]  # every minute goes to the meter
+        assert closed["overage_minutes"] == usage_line["quantity"] - included  # the free tier
+        assert closed["overage_cost_cents"] == usage_line["amount"]
+        assert (closed["included_minutes"], closed["overage_rate_cents"]) == (included, rate)
+        assert invoice["amount_paid"] == after["monthly_price_cents"] + usage_line["amount"]
+        # The next cycle keeps the terms of the price the subscription is on.
+        assert (current["status"], current["minutes_used"]) == ("active", 0)
+        assert (current["included_minutes"], current["overage_rate_cents"]) == (included, rate)
+        assert current["period_start"] == closed["period_end"]
+        assert subscription(db, org)["stripe_metered_price_id"] == metered
+    assert cycles(db, org_a)[0]["overage_cost_cents"] == 200 * 50
+    assert cycles(db, org_b)[0]["overage_cost_cents"] == 50 * 40
+
+    # A cancels; B stays.
+    client.standin(f"subscriptions/{sub_a['stripe_subscription_id']}/cancel")
+    ended = subscription(db, org_a)
+    assert ended["status"] == "canceled" and ended["canceled_at"] is not None
+    for org, allowed in ((org_a, False), (org_b, True)):
+        cycle = client.call(
+            "report-usage", "GET", expect=200, headers=client.service, params={"org_id": org}
+        )
+        assert cycle["allowed"] is allowed
+
+    # Every webhook the stand-in sent was answered 2xx and is stored, none failed.
+    eventually(lambda: _all_events_delivered(client))
+    events = client.http.get(f"{client.stack.stripe_base}/_standin/state").json()["events"]
+    stored = {
+        row["id"]: row["status"]
+        for row in db.execute("select id, status from stripe_events").fetchall()
+    }
+    assert [(e["type"], e["id"]) for e in events if e["id"] not in stored] == []
+    assert {event: status for event, status in stored.items() if status == "failed"} == {}
+
+
+def _subscribe(
+    client: Client,
+    db: psycopg.Connection[dict[str, Any]],
+    org: str,
+    owner: dict[str, str],
+    starter: dict[str, Any],
+) -> dict[str, Any]:
+    """The owner buys `starter` monthly at its current prices and pays; the subscription row."""
+    order = {"plan_id": str(starter["id"]), "billing_period": "monthly"}
+    session = client.call("create-checkout-session", "POST", expect=200, headers=owner, json=order)
+    lines = client.stripe_state()["checkout_orders"][session["session_id"]]["lines"]
+    assert [line["price"] for line in lines][:2] == [
+        starter["stripe_price_id"],
+        starter["stripe_metered_price_id"],
+    ]
+    paid = client.standin(f"checkout_sessions/{session['session_id']}/complete")
+    sub = subscription(db, org)
+    assert (sub["status"], sub["plan_id"], sub["stripe_subscription_id"]) == (
+        "active",
+        starter["id"],
+        paid["subscription"],
+    )
+    [cycle] = cycles(db, org)
+    assert (cycle["included_minutes"], cycle["overage_rate_cents"]) == (
+        starter["included_minutes"],
+        starter["overage_rate_cents"],
+    )
+    return sub
+
+
+def _catalogue_with(key: str, **terms: int) -> str:
+    """plans.toml with `terms` changed in the plan `key` (every other plan as it is)."""
+    head, *plans = (ROOT / "plans.toml").read_text().split("[[plans]]")
+    for i, block in enumerate(plans):
+        if re.search(rf'^key = "{key}"$', block, flags=re.M):
+            for name, value in terms.items():
+                block, found = re.subn(rf"^{name} = \d+", f"{name} = {value}", block, flags=re.M)
+                assert found == 1, f"plans.toml: no {name} in plan {key}"
+            plans[i] = block
+    return "[[plans]]".join([head, *plans])
+
+
+def _tiers(price: dict[str, Any]) -> list[tuple[int | None, int]]:
+    return [(tier["up_to"], tier["unit_amount"]) for tier in price["tiers"]]
+
+
+def _all_events_delivered(client: Client) -> None:
+    events = client.http.get(f"{client.stack.stripe_base}/_standin/state").json()["events"]
+    for event in events:
+        assert event["deliveries"], f"{event['type']} {event['id']} not delivered yet"
+        for delivery in event["deliveries"]:
+            assert 200 <= (delivery["status_code"] or 0) < 300, (event["type"], delivery)
