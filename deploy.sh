@@ -4,23 +4,32 @@
 #   ./deploy.sh local            everything on this machine, no cloud account needed
 #   ./deploy.sh test             lint, types, migrations lint and the whole test suite
 #   ./deploy.sh migrate          apply pending SQL migrations to $DATABASE_URL
-#   ./deploy.sh stripe-catalog   meter, products, prices from plans.toml; ids into billing_plans
+#   ./deploy.sh stripe-catalog [--plans FILE]
+#                                meter, products, prices from plans.toml (or FILE); ids into
+#                                billing_plans; a plan no longer listed becomes inactive
 #   ./deploy.sh webhook          the Stripe webhook endpoint ($WEBHOOK_URL) for the handled events
 #   ./deploy.sh functions        each function to Cloud Run functions ($GCP_PROJECT, gcloud)
 #   ./deploy.sh all              migrate, stripe-catalog, functions, webhook
-#   ./deploy.sh flush-usage      deliver pending meter events to Stripe (schedule it)
+#   ./deploy.sh flush-usage [--limit N]
+#                                deliver pending meter events to Stripe (schedule it)
+#   ./deploy.sh requeue-usage [--org ID] [--since YYYY-MM-DD]
+#                                failed usage back to pending once its cause is fixed
 #   ./deploy.sh repair-events    re-process failed Stripe events from the ledger
 #   ./deploy.sh resync [sub_...] re-sync one subscription, or all, from Stripe
 #   ./deploy.sh help             this text
 #
-# Options: --dry-run prints what would be done without doing it.
+# Options: a step takes only its own (above) and refuses any other. --dry-run prints what would
+# be done without doing it; every step but local, test and flush-usage takes it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER_DIR="$PWD" # a relative --plans FILE is the operator's, not the project's
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 DRY_RUN=0
+STEP_ARGS=() # the step's own options, for its python module
+SUBSCRIPTION=""
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'deploy.sh: %s\n' "$*" >&2; exit 2; }
@@ -82,7 +91,7 @@ cmd_migrate() {
 cmd_catalog() {
   [ "$DRY_RUN" = 1 ] || require_env STRIPE_SECRET_KEY DATABASE_URL
   ensure_venv
-  "$PY" -m ops.catalog $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
+  "$PY" -m ops.catalog "${STEP_ARGS[@]+"${STEP_ARGS[@]}"}" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
 }
 
 webhook_url() {
@@ -125,28 +134,103 @@ cmd_python() {
   "$PY" -m "$@" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
 }
 
+cmd_flush_usage() {
+  require_env STRIPE_SECRET_KEY
+  ensure_venv
+  "$PY" -m ops.flush_usage "${STEP_ARGS[@]+"${STEP_ARGS[@]}"}"
+}
+
+cmd_requeue_usage() {
+  require_env DATABASE_URL
+  ensure_venv
+  "$PY" -m ops.requeue_usage "${STEP_ARGS[@]+"${STEP_ARGS[@]}"}" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
+}
+
+# The options each step takes: --flag, or --name=WHAT for one that takes a value.
+step_options() {
+  case "$1" in
+    migrate|webhook|functions|all|repair-events) echo "--dry-run" ;;
+    stripe-catalog) echo "--plans=FILE --dry-run" ;;
+    flush-usage) echo "--limit=N" ;;
+    requeue-usage) echo "--org=ID --since=YYYY-MM-DD --dry-run" ;;
+    resync) echo "sub_... --dry-run" ;;
+  esac
+}
+
+# WHAT when the step takes the option NAME with a value (--name=WHAT), else nothing.
+value_of_option() {
+  local option
+  for option in $(step_options "$1"); do
+    if [ "${option%%=*}" = "$2" ] && [ "$option" != "$2" ]; then echo "${option#*=}"; fi
+  done
+}
+
+options_text() {
+  local option text=""
+  for option in $(step_options "$1"); do text+="${text:+, }${option/=/ }"; done
+  echo "${text:-no options}"
+}
+
+# Sort a step's arguments into DRY_RUN, STEP_ARGS and SUBSCRIPTION. Anything else is refused
+# here, before anything is done, naming the step and the option (never a value: it may be a key).
+parse_step_args() {
+  local command="$1" arg name value what
+  shift
+  while [ $# -gt 0 ]; do
+    arg="$1"
+    shift
+    name="${arg%%=*}"
+    what="$(value_of_option "$command" "$name")"
+    if [ "$arg" = --dry-run ] && [[ " $(step_options "$command") " == *" --dry-run "* ]]; then
+      DRY_RUN=1
+    elif [[ "$name" == --* ]] && [ -n "$what" ]; then
+      if [ "$arg" = "$name" ]; then
+        [ $# -gt 0 ] && [[ "$1" != --* ]] || die "$command: $name needs a value ($what)"
+        value="$1"
+        shift
+      else
+        value="${arg#*=}"
+      fi
+      [ -n "$value" ] || die "$command: $name needs a value ($what)"
+      if [ "$name" = --plans ] && [[ "$value" != /* ]]; then value="$CALLER_DIR/$value"; fi
+      STEP_ARGS+=("$name" "$value")
+    elif [ "$command" = resync ] && [[ "$arg" != -* ]] && [ -z "$SUBSCRIPTION" ]; then
+      SUBSCRIPTION="$arg"
+    elif [ "$arg" != "$name" ] && [ "$name" = --dry-run ]; then
+      die "$command: --dry-run takes no value"
+    elif [[ "$arg" == -* ]]; then
+      die "$command does not take the option $name (it takes: $(options_text "$command"))"
+    else
+      die "$command does not take the argument $arg (it takes: $(options_text "$command"))"
+    fi
+  done
+}
+
 main() {
   local command="${1:-help}"
   [ $# -gt 0 ] && shift
-  local args=()
-  for arg in "$@"; do
-    if [ "$arg" = "--dry-run" ]; then DRY_RUN=1; else args+=("$arg"); fi
-  done
   case "$command" in
-    test) cmd_test "${args[@]+"${args[@]}"}" ;;
+    # Their own tools read these arguments (pytest, devtools.local) and refuse what they do not know.
+    test) cmd_test "$@"; return ;;
+    local) ensure_venv; exec "$PY" -m devtools.local "$@" ;;
+    migrate|stripe-catalog|webhook|functions|all|flush-usage|requeue-usage|repair-events|resync) ;;
+    help|-h|--help) ;;
+    *) usage >&2; die "unknown command: $command" ;;
+  esac
+  parse_step_args "$command" "$@"
+  case "$command" in
     migrate) cmd_migrate ;;
     stripe-catalog) cmd_catalog ;;
     webhook) cmd_webhook ;;
     functions) cmd_functions ;;
     all) cmd_all ;;
-    flush-usage) require_env STRIPE_SECRET_KEY; ensure_venv; "$PY" -m ops.flush_usage "${args[@]+"${args[@]}"}" ;;
+    flush-usage) cmd_flush_usage ;;
+    requeue-usage) cmd_requeue_usage ;;
     repair-events) cmd_python ops.repair failed-events ;;
     resync)
-      if [ ${#args[@]} -gt 0 ]; then cmd_python ops.repair resync --subscription "${args[0]}"
+      if [ -n "$SUBSCRIPTION" ]; then cmd_python ops.repair resync --subscription "$SUBSCRIPTION"
       else cmd_python ops.repair resync --all; fi ;;
-    local) ensure_venv; exec "$PY" -m devtools.local "${args[@]+"${args[@]}"}" ;;
     help|-h|--help) usage ;;
-    *) usage >&2; die "unknown command: $command" ;;
   esac
 }
 

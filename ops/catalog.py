@@ -3,7 +3,9 @@
 Usage: python -m ops.catalog [--dry-run] [--plans plans.toml]
 Needs STRIPE_SECRET_KEY and DATABASE_URL (STRIPE_API_BASE for the local stand-in). Idempotent:
 the meter is found by event name, products by id (`mb_plan_<key>`), prices by lookup key; a price
-whose amount or interval changed is replaced by a new one that takes over the lookup key.
+whose amount or interval changed is replaced by a new one that takes over the lookup key. A plan
+no longer in the file becomes inactive (no new checkouts); its row, its prices and its
+subscribers stay as they are. billing_plan_prices is written by a trigger on billing_plans.
 """
 
 from __future__ import annotations
@@ -11,34 +13,74 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
+import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import stripe
 
+from ops.errors import OperatorError, reach_database, run
 from shared.settings import Settings
 from shared.stripe_api import make_stripe_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP_FEE_KEY = "mb_setup_fee"
+AMOUNTS = ("included_minutes", "monthly_price_cents", "overage_rate_cents")
+OPTIONAL_AMOUNTS = ("yearly_price_cents", "sort_order")
 
 
 def load_plans(path: Path) -> dict[str, Any]:
-    catalog = tomllib.loads(path.read_text())
-    for plan in catalog["plans"]:
-        for field in (
-            "key",
-            "name",
-            "included_minutes",
-            "monthly_price_cents",
-            "overage_rate_cents",
-        ):
-            if field not in plan:
-                sys.exit(f"{path}: plan {plan.get('key', '?')} has no {field}")
+    """The catalogue in `path`, checked; OperatorError naming the file and the first problem."""
+    try:
+        catalog = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise OperatorError(f"{path}: no such plans file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise OperatorError(f"{path}: cannot read it ({error})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise OperatorError(f"{path}: not valid TOML: {error}") from None
+    problem = catalog_problem(catalog)
+    if problem:
+        raise OperatorError(f"{path}: {problem}")
     return catalog
+
+
+def catalog_problem(catalog: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed plans file, or None."""
+    if not re.fullmatch(r"[a-z]{3}", str(catalog.get("currency", ""))):
+        return 'currency must be a lowercase ISO code such as "eur"'
+    if not isinstance(catalog.get("meter_event_name"), str) or not catalog["meter_event_name"]:
+        return "meter_event_name is missing"
+    if not _whole(catalog.get("setup_fee_cents", 0)):
+        return "setup_fee_cents must be a whole number >= 0"
+    plans = catalog.get("plans")
+    if not isinstance(plans, list) or not plans or not all(isinstance(p, dict) for p in plans):
+        return "no [[plans]] tables"
+    for number, plan in enumerate(plans, 1):
+        label = f"plan {number} ({plan.get('key', 'no key')})"
+        if not re.fullmatch(r"[a-z0-9_]{1,40}", str(plan.get("key", ""))):
+            return f"{label}: key must be 1-40 of a-z, 0-9 and _"
+        if not isinstance(plan.get("name"), str) or not 1 <= len(plan["name"]) <= 100:
+            return f"{label}: name must be text of 1-100 characters"
+        for field in AMOUNTS:
+            if field not in plan:
+                return f"{label}: has no {field}"
+        for field in (*AMOUNTS, *OPTIONAL_AMOUNTS):
+            if field in plan and not _whole(plan[field]):
+                return f"{label}: {field} must be a whole number >= 0, not {plan[field]!r}"
+    for field in ("key", "name"):
+        values = [plan[field] for plan in plans]
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            return f"two plans have the {field} {repeated[0]!r}"
+    return None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def wanted_prices(catalog: dict[str, Any], meter_id: str) -> list[dict[str, Any]]:
@@ -171,7 +213,10 @@ def ensure_price(client: stripe.StripeClient, want: dict[str, Any]) -> str:
     if found and same_price(found[0], want):
         print(f"price {key}: found {found[0].id}")
         return str(found[0].id)
-    fingerprint = json.dumps(want, sort_keys=True).encode()
+    # The price it replaces is part of the key: going back to earlier terms within Stripe's 24 h
+    # key window must create a price that takes the lookup key, not replay the first create.
+    replaces = found[0].id if found else None
+    fingerprint = json.dumps({"price": want, "replaces": replaces}, sort_keys=True).encode()
     created = client.v1.prices.create(
         params={**want, "transfer_lookup_key": True},
         options={"idempotency_key": "mb-price-" + hashlib.sha256(fingerprint).hexdigest()[:32]},
@@ -183,7 +228,8 @@ def ensure_price(client: stripe.StripeClient, want: dict[str, Any]) -> str:
 
 
 def write_plans(database_url: str, catalog: dict[str, Any], ids: dict[str, str]) -> None:
-    """Upsert each plan by name with its amounts and Stripe price ids."""
+    """Upsert each plan by name with its amounts and Stripe price ids; take every plan the
+    catalogue no longer names off sale. One transaction."""
     with psycopg.connect(database_url) as conn:
         for plan in catalog["plans"]:
             key = plan["key"]
@@ -218,6 +264,28 @@ def write_plans(database_url: str, catalog: dict[str, Any], ids: dict[str, str])
                 },
             )
             print(f"billing_plans {plan['name']}: price ids written")
+        # Unlisted plans leave sale only: their rows, price ids and subscribers stay as they are.
+        retired = conn.execute(
+            "update public.billing_plans set active = false, updated_at = now()"
+            " where active and not (name = any(%(names)s)) returning name",
+            {"names": [plan["name"] for plan in catalog["plans"]]},
+        ).fetchall()
+        for (name,) in sorted(retired):
+            print(
+                f"billing_plans {name}: not in the plans file, now inactive"
+                " (no new checkouts; its subscribers keep it)"
+            )
+
+
+def unlisted_plans(database_url: str, catalog: dict[str, Any]) -> list[str]:
+    """The active plans of billing_plans that the catalogue no longer names."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "select name from public.billing_plans where active and not (name = any(%(names)s))"
+            " order by sort_order, name",
+            {"names": [plan["name"] for plan in catalog["plans"]]},
+        ).fetchall()
+    return [name for (name,) in rows]
 
 
 def sync_catalog(settings: Settings, catalog: dict[str, Any], *, dry_run: bool) -> dict[str, str]:
@@ -229,7 +297,13 @@ def sync_catalog(settings: Settings, catalog: dict[str, Any], *, dry_run: bool) 
                 f"would ensure product {want['product']} and price {want['lookup_key']}"
                 f" ({want.get('unit_amount', want.get('tiers'))} {want['currency']})"
             )
-        print(f"would write {len(catalog['plans'])} plans into billing_plans")
+        for plan in catalog["plans"]:
+            print(f"would write plan {plan['name']} ({plan['key']}) into billing_plans")
+        if settings.DATABASE_URL:
+            for name in unlisted_plans(settings.DATABASE_URL, catalog):
+                print(f"would make plan {name} inactive: not in the plans file")
+        else:
+            print("would make inactive every active plan not in the plans file (no DATABASE_URL)")
         return {}
     client = make_stripe_client(settings)
     meter_id = ensure_meter(client, catalog["meter_event_name"])
@@ -249,20 +323,18 @@ def sync_catalog(settings: Settings, catalog: dict[str, Any], *, dry_run: bool) 
     return ids
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print what would be ensured")
-    parser.add_argument("--plans", type=Path, default=ROOT / "plans.toml")
-    args = parser.parse_args()
+    parser.add_argument("--plans", type=Path, default=ROOT / "plans.toml", metavar="FILE")
+    args = parser.parse_args(argv)
     catalog = load_plans(args.plans)
     settings = Settings()
     if not args.dry_run:
         settings.require("STRIPE_SECRET_KEY", "DATABASE_URL")
+    reach_database(settings.DATABASE_URL)  # before Stripe is touched
     sync_catalog(settings, catalog, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as error:  # an operator command: say what failed, exit non-zero
-        sys.exit(f"stripe-catalog failed: {type(error).__name__}: {error}")
+    run("stripe-catalog", main)

@@ -2,15 +2,15 @@
 
 Usage: python -m ops.flush_usage [--limit N]   (reads DATABASE_URL or SUPABASE_URL +
 SUPABASE_SERVICE_ROLE_KEY, STRIPE_SECRET_KEY)
+Exit status 1, with one line naming the variable, when the database or Stripe is out of reach.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from ops.errors import reach_database, reach_stripe, run
 from shared.db import get_database
-from shared.errors import ConfigError
 from shared.settings import get_settings
 from shared.stripe_api import make_stripe_client
 from shared.usage import DEFAULT_FLUSH_LIMIT, flush_meter_events
@@ -27,17 +27,18 @@ def main(argv: list[str] | None = None) -> None:
         help=f"most events to deliver in this run, 1-1000 (default {DEFAULT_FLUSH_LIMIT})",
     )
     args = parser.parse_args(argv)
-    try:
-        settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
-    except ConfigError as error:
-        sys.exit(str(error))
-    report = flush_meter_events(
-        get_database(settings), make_stripe_client(settings), settings, limit=args.limit
-    )
+    settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
+    reach_database(settings.DATABASE_URL)
+    client = make_stripe_client(settings)
+    report = flush_meter_events(get_database(settings), client, settings, limit=args.limit)
     print(
         f"meter events: sent {report.sent}, kept pending {report.pending}, failed {report.failed}"
     )
+    if report.pending and not report.sent:
+        # The outbox keeps what Stripe did not take; when Stripe took nothing, say whether it is
+        # out of reach or refuses the key (one request, only then).
+        reach_stripe(client)
 
 
 if __name__ == "__main__":
-    main()
+    run("flush-usage", main)

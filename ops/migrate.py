@@ -21,6 +21,8 @@ from urllib.parse import quote, urlencode
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ops.errors import reach_database, run
+
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "sql"
 COMPAT = MIGRATIONS / "compat" / "supabase_compat.sql"
@@ -96,15 +98,16 @@ def migrate(database_url: str, *, dry_run: bool = False) -> None:
         print("no pending migrations: the database is up to date")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="list pending migrations only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     url = os.environ.get("DATABASE_URL")
     if not url:
         sys.exit("DATABASE_URL is not set: the Postgres connection string to migrate.")
+    reach_database(url)
     migrate(url, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":
-    main()
+    run("migrate", main)

@@ -10,7 +10,8 @@
         what is stored); --all takes every subscription that has not ended.
 
 Reads DATABASE_URL (or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY) and STRIPE_SECRET_KEY.
-Exit status 1 when something could not be repaired.
+Exit status 1 when something could not be repaired; the database or Stripe out of reach stops the
+command at once, with one line naming the variable.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import stripe
 
+from ops.errors import is_unreachable, reach_database, run
 from shared.db import Database, get_database
 from shared.errors import BillingError, ConfigError
 from shared.settings import get_settings
@@ -46,6 +48,8 @@ def retry_failed_events(
         try:
             status = process_event(row["payload"], database=database, stripe_client=stripe_client)
         except Exception as error:
+            if is_unreachable(error):
+                raise  # every other event would fail the same way
             failures += 1
             print(f"failed {label}: {failure_reason(error)}")
         else:
@@ -77,6 +81,8 @@ def resync(
                 subscription_id, database=database, stripe_client=stripe_client, actor="ops-repair"
             )
         except (BillingError, stripe.StripeError) as error:
+            if is_unreachable(error):
+                raise  # every other subscription would fail the same way
             failures += 1
             print(f"failed {subscription_id}: {failure_reason(error)}")
             continue
@@ -109,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--subscription takes a Stripe subscription id (sub_...)")
     try:
         settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
+        reach_database(settings.DATABASE_URL)
         database = get_database(settings)
         stripe_client = make_stripe_client(settings)
         if args.command == "failed-events":
@@ -125,9 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ids, database=database, stripe_client=stripe_client, dry_run=args.dry_run
             )
     except (ConfigError, BillingError) as error:
+        if is_unreachable(error):
+            raise
         parser.exit(2, f"error: {getattr(error, 'message', error)}\n")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("repair-events" if sys.argv[1:2] == ["failed-events"] else "resync", main)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
+from ops.errors import run
 from shared.settings import Settings
 from shared.stripe_api import API_VERSION, make_stripe_client
 
@@ -59,11 +61,11 @@ def ensure_webhook(settings: Settings, url: str, *, dry_run: bool) -> None:
     print(f"signing secret (shown once; set STRIPE_WEBHOOK_SECRET to it): {created.secret}")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="the public URL of stripe-webhook-handler")
     parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.url.startswith("https://") and not args.url.startswith("http://127.0.0.1"):
         sys.exit("--url must be https:// (Stripe delivers live events only over HTTPS)")
     settings = Settings()
@@ -73,7 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as error:  # an operator command: say what failed, exit non-zero
-        sys.exit(f"webhook failed: {type(error).__name__}: {error}")
+    run("webhook", main)

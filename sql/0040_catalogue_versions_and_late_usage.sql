@@ -137,6 +137,7 @@ update public.billing_cycles c
   join public.billing_plans p on p.id = s.plan_id
  where s.id = c.subscription_id;
 -- From now on every writer names the rate: a cycle silently billing 0 a minute is a bug.
+-- squawk-ignore ban-drop-default
 alter table public.billing_cycles alter column overage_rate_cents drop default;
 
 -- The plan and terms of a subscription's price ids: the flat price (monthly or yearly) decides
@@ -644,9 +645,10 @@ begin
 end;
 $$;
 
--- The organisation's current cycle: its live subscription's cycle that contains now (opened when
--- missing); NULL without a live subscription. Locks the subscription (key share) before its
--- cycle, the order apply_subscription_state takes too.
+-- The organisation's current cycle: the first cycle of its live subscription that has not ended
+-- and whose invoice is not made (the one containing now, or, when that one was invoiced early,
+-- the next), opened when missing; NULL without a live subscription. Locks the subscription (key
+-- share) before its cycle, the order apply_subscription_state takes too.
 create function private.current_cycle(p_org_id uuid)
 returns public.billing_cycles
 language plpgsql
@@ -654,6 +656,7 @@ set search_path = ''
 as $$
 declare
   v_sub public.subscriptions;
+  v_cycle public.billing_cycles;
   v_period tstzrange;
 begin
   select s.* into v_sub
@@ -663,11 +666,26 @@ begin
    order by s.created_at desc
    limit 1
      for key share;
-  v_period := case when v_sub.id is not null then private.cycle_period(v_sub, now()) end;
+  if v_sub.id is null then
+    return null;
+  end if;
+  select c.* into v_cycle
+    from public.billing_cycles c
+   where c.subscription_id = v_sub.id and c.period_end > now() and c.stripe_invoice_id is null
+   order by c.period_start
+   limit 1;
+  if v_cycle.id is not null then
+    return v_cycle;
+  end if;
+  v_period := private.cycle_period(v_sub, now());
   if v_period is null then
     return null;
   end if;
-  return private.open_cycle(v_sub, v_period);
+  v_cycle := private.open_cycle(v_sub, v_period);
+  if v_cycle.stripe_invoice_id is not null then  -- invoiced early: the period after it
+    v_cycle := private.open_cycle(v_sub, private.metered_period(v_sub.id, upper(v_period)));
+  end if;
+  return v_cycle;
 end;
 $$;
 
