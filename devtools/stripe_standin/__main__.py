@@ -1,0 +1,5 @@
+"""`python -m devtools.stripe_standin ...`: see `main` (--help)."""
+
+from devtools.stripe_standin.app import main
+
+main()

@@ -1,0 +1,298 @@
+"""The stand-in's WSGI app: routing, dispatch, authentication, idempotency; how to run it.
+
+Each resource module declares its routes (`ROUTES`, with each endpoint's allowed parameters);
+this module joins them into one map and serves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
+from werkzeug.serving import make_server, run_simple
+from werkzeug.wrappers import Request, Response
+
+from . import (
+    catalog,
+    checkout,
+    customers,
+    invoices,
+    meter_events,
+    plan_changes,
+    portal,
+    renewals,
+    schedules,
+    subscriptions,
+    webhooks,
+)
+from .catalog import create_price, create_product, ensure_meter
+from .state import (
+    API_VERSION,
+    Call,
+    Endpoint,
+    Json,
+    State,
+    StripeError,
+    check_known,
+    control,
+    decode_form,
+    new_id,
+)
+
+log = logging.getLogger("stripe_standin")
+
+
+def dump_state(call: Call) -> Json:
+    return call.state.dump()
+
+
+ROUTES = Map(
+    [
+        *customers.ROUTES,
+        *catalog.ROUTES,
+        *checkout.ROUTES,
+        *subscriptions.ROUTES,
+        *plan_changes.ROUTES,
+        *schedules.ROUTES,
+        *invoices.ROUTES,
+        *meter_events.ROUTES,
+        *portal.ROUTES,
+        *webhooks.ROUTES,
+        *renewals.ROUTES,
+        control("GET", "/_standin/state", dump_state),
+    ]
+)
+
+
+EXPANDABLE = {
+    "customer": "customer",
+    "latest_invoice": "invoice",
+    "subscription": "subscription",
+    "invoice": "invoice",
+    "product": "product",
+    "schedule": "subscription_schedule",
+}
+
+
+def expand(st: State, obj: Json, paths: Any) -> Json:
+    """Replace expandable ids by their objects (prices are always embedded in items, as Stripe)."""
+    obj = copy.deepcopy(obj)
+    for path in paths if isinstance(paths, list) else []:
+        targets, name = [obj], path
+        if obj.get("object") == "list" and path.startswith("data."):
+            targets, name = obj["data"], path[len("data.") :]
+        for target in targets:
+            kind, value = EXPANDABLE.get(name), target.get(name)
+            if kind and isinstance(value, str) and value in st.store[kind]:
+                target[name] = copy.deepcopy(st.store[kind][value])
+    return obj
+
+
+class StripeStandin:
+    """The WSGI app; `state` is public for helpers such as `seed_prices`."""
+
+    def __init__(self, webhook_url: str | None, webhook_secret: str) -> None:
+        self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
+        self.state = State(has_webhook=bool(webhook_url))
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        request = Request(environ)
+        try:
+            response = self.dispatch(request)
+        except StripeError as error:
+            response = json_response(error.body(), error.status)
+        except Exception:  # a bug here: answer like Stripe's own 500s, and keep the traceback
+            log.exception("stand-in failed on %s %s", request.method, request.path)
+            failure = StripeError(500, "The stand-in failed; see its log.", type="api_error")
+            response = json_response(failure.body(), 500)
+        return response(environ, start_response)
+
+    def dispatch(self, request: Request) -> Response:
+        try:
+            endpoint, args = ROUTES.bind_to_environ(request.environ).match()
+        except HTTPException:
+            message = f"Unrecognized request URL ({request.method}: {request.path})."
+            raise StripeError(404, message) from None
+        call = Call(self.state, {}, request.host_url.rstrip("/"))
+        if endpoint.kind == "api":
+            return self.serve_api(request, endpoint, args, call)
+        if endpoint.kind == "page":
+            return Response(endpoint.handler(call, **args), mimetype="text/html")
+        try:
+            call.params = json.loads(request.get_data(as_text=True) or "{}")
+        except json.JSONDecodeError:
+            raise StripeError(400, "The body is not JSON.") from None
+        if not isinstance(call.params, dict):
+            raise StripeError(400, "The body must be a JSON object.")
+        with self.state.lock:
+            answer = endpoint.handler(call, **args)
+        if call.events:
+            answer["deliveries"] = self.deliver(call.events)
+        return json_response(answer, 200)
+
+    def serve_api(
+        self, request: Request, endpoint: Endpoint, args: Mapping[str, Any], call: Call
+    ) -> Response:
+        authenticate(request)
+        raw = request.get_data(as_text=True) if request.method == "POST" else ""
+        pairs = parse_qsl(raw or request.query_string.decode(), keep_blank_values=True)
+        call.params = decode_form(pairs)
+        call.request_id = new_id("req")
+        call.idempotency_key = request.headers.get("Idempotency-Key") if raw else None
+        headers = {
+            "Request-Id": call.request_id,
+            "Stripe-Version": request.headers.get("Stripe-Version", API_VERSION),
+        }
+        fingerprint = json.dumps([request.method, request.path, sorted(pairs)])
+        with self.state.lock:
+            key = call.idempotency_key
+            if key and key in self.state.idempotency:
+                return replay(self.state.idempotency[key], fingerprint, key)
+            check_known((k for k, _ in pairs), endpoint.allowed)
+            obj = endpoint.handler(call, **args)
+            body = json.dumps(expand(self.state, obj, call.params.get("expand")))
+            if key:  # only requests that executed are kept (as Stripe does)
+                entry = {"fingerprint": fingerprint, "body": body, "headers": headers}
+                self.state.idempotency[key] = entry
+        response = Response(body, 200, headers, mimetype="application/json")
+        if events := call.events:
+            response.call_on_close(lambda: self.deliver(events))  # once the caller has its answer
+        return response
+
+    def deliver(self, events: list[Json]) -> list[Json]:
+        return webhooks.deliver(self.state, self.webhook_url, self.webhook_secret, events)
+
+
+def authenticate(request: Request) -> None:
+    """Any `sk_test_` key, as Bearer (stripe-python) or Basic (`curl -u sk_test_...:`)."""
+    auth = request.authorization
+    key = auth and (auth.token if auth.type == "bearer" else auth.username)
+    if not key:
+        message = (
+            "You did not provide an API key. You need to provide your API key in the "
+            "Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY')."
+        )
+        raise StripeError(401, message)
+    if not key.startswith("sk_test_"):
+        raise StripeError(401, f"Invalid API Key provided: {key[:8]}{'*' * 8}")
+
+
+def replay(stored: Json, fingerprint: str, key: str) -> Response:
+    if stored["fingerprint"] != fingerprint:
+        message = (
+            "Keys for idempotent requests can only be used with the same parameters they were "
+            f"first used with. Try using a key other than '{key}' if you meant to execute a "
+            "different request."
+        )
+        error = StripeError(400, message, code="idempotency_error", type="idempotency_error")
+        return json_response(error.body(), 400)
+    headers = {**stored["headers"], "Idempotent-Replayed": "true"}
+    return Response(stored["body"], 200, headers, mimetype="application/json")
+
+
+def json_response(body: Json, status: int, headers: Json | None = None) -> Response:
+    return Response(json.dumps(body), status, headers, mimetype="application/json")
+
+
+# ---------------------------------------------------------------- public helpers
+
+
+def create_app(
+    webhook_url: str | None, webhook_secret: str, *, meter_event_names: Iterable[str] = ()
+) -> StripeStandin:
+    """The stand-in WSGI app, with a `sum` meter already registered for each event name."""
+    app = StripeStandin(webhook_url, webhook_secret)
+    with app.state.lock:
+        for name in meter_event_names:
+            ensure_meter(app.state, name)
+    return app
+
+
+def seed_prices(app: StripeStandin, specs: Iterable[Json]) -> list[Json]:
+    """Pre-seed prices with chosen ids; a missing product (or meter) is created on the way.
+
+    A spec: `{"id": "price_pro_monthly", "currency": "eur", "unit_amount": 4900,
+    "interval": "month" (none: one-time), "usage_type": "licensed" | "metered",
+    "meter_event_name": "voice_call_minutes", "product": "prod_pro", "lookup_key", "nickname"}`.
+    """
+    created = []
+    with app.state.lock:
+        st = app.state
+        for spec in specs:
+            product = spec.get("product") or new_id("prod")
+            if product not in st.store["product"]:
+                create_product(Call(st, {"id": product, "name": spec.get("nickname") or product}))
+            params: Json = {"currency": spec["currency"], "product": product}
+            params["unit_amount"] = str(spec["unit_amount"])
+            params.update({k: spec[k] for k in ("lookup_key", "nickname") if spec.get(k)})
+            usage_type = spec.get("usage_type", "licensed")
+            if spec.get("interval") or usage_type == "metered":
+                interval = spec.get("interval") or "month"
+                params["recurring"] = {"interval": interval, "usage_type": usage_type}
+            if usage_type == "metered":
+                meter = ensure_meter(st, spec.get("meter_event_name") or "voice_call_minutes")
+                params["recurring"]["meter"] = meter["id"]
+            price = create_price(Call(st, params), price_id=spec.get("id"))
+            created.append(copy.deepcopy(price))
+    return created
+
+
+def serve_in_thread(
+    webhook_url: str | None, webhook_secret: str, **options: Any
+) -> tuple[str, Callable[[], None]]:
+    """Serve a fresh stand-in on a free 127.0.0.1 port in a daemon thread: (base_url, stop)."""
+    server = make_server(
+        "127.0.0.1", 0, create_app(webhook_url, webhook_secret, **options), threaded=True
+    )
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.05},
+        name="stripe-standin",
+        daemon=True,
+    )
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return f"http://127.0.0.1:{server.server_port}", stop
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.stripe_standin",
+        description="A local stand-in for Stripe's API on 127.0.0.1, for local runs and "
+        "end-to-end tests only. NEVER for production: in memory, any sk_test_ key, no money.",
+    )
+    parser.add_argument("--port", type=int, default=12111)
+    parser.add_argument("--webhook-url", help="where signed events are POSTed (none: only logged)")
+    parser.add_argument(
+        "--webhook-secret", help="whsec_... used to sign events (with --webhook-url)"
+    )
+    parser.add_argument(
+        "--meter-event-name", action="append", default=[], help="pre-register a meter (repeatable)"
+    )
+    parser.add_argument("--seed-prices", type=Path, help="JSON list of price specs (seed_prices)")
+    args = parser.parse_args(argv)
+    if args.webhook_url and not args.webhook_secret:
+        parser.error("--webhook-url needs --webhook-secret")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = create_app(
+        args.webhook_url, args.webhook_secret or "", meter_event_names=args.meter_event_name
+    )
+    if args.seed_prices:
+        for price in seed_prices(app, json.loads(args.seed_prices.read_text())):
+            log.info("seeded price %s (%s)", price["id"], price["lookup_key"] or price["nickname"])
+    log.info("Stripe stand-in (never for production) on http://127.0.0.1:%d", args.port)
+    run_simple("127.0.0.1", args.port, app, threaded=True)

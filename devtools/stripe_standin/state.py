@@ -1,0 +1,349 @@
+"""The stand-in's ground floor: errors, ids, Stripe's fixtures, the wire format, the state.
+
+Everything else in the package imports from here, and this module imports from nothing in it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import secrets
+import string
+import threading
+import time
+from calendar import monthrange
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from werkzeug.routing import Rule
+
+API_VERSION = "2026-10-28.endive"
+FIXTURES_PATH = Path(
+    os.environ.get("STRIPE_FIXTURES_PATH")
+    or Path(__file__).resolve().parent.parent / "stripe_fixtures" / "fixtures3.json"
+)
+METER_EVENT_WINDOW = (35 * 86400, 300)  # Stripe: at most 35 days old, 5 minutes ahead
+Json = dict[str, Any]
+
+
+# ---------------------------------------------------------------- errors, ids, fixtures
+
+
+class StripeError(Exception):
+    """An error answered in Stripe's shape: {"error": {"type", "code", "message", "param"}}
+    (and `decline_code` for a card error)."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, **kw: str | None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+        self.param = kw.get("param")
+        self.type = kw.get("type") or "invalid_request_error"
+        self.decline_code = kw.get("decline_code")
+
+    def body(self) -> Json:
+        error = {"type": self.type, "code": self.code, "message": self.message, "param": self.param}
+        if self.decline_code:
+            error["decline_code"] = self.decline_code
+        return {"error": error}
+
+
+def missing(param: str) -> StripeError:
+    message = f"Missing required param: {param}."
+    return StripeError(400, message, code="parameter_missing", param=param)
+
+
+def no_such(noun: str, object_id: str, param: str, status: int = 400) -> StripeError:
+    message = f"No such {noun}: '{object_id}'"
+    return StripeError(status, message, code="resource_missing", param=param)
+
+
+def new_id(prefix: str) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return prefix + "_" + "".join(secrets.choice(alphabet) for _ in range(24))
+
+
+@functools.cache
+def _fixtures() -> Json:
+    with FIXTURES_PATH.open() as f:
+        resources: Json = json.load(f)["resources"]
+    return resources
+
+
+def fixture(resource: str, /, unset: str = "", **fields: Any) -> Json:
+    """A deep copy of Stripe's example `resource`: `fields` set, the `unset` names null."""
+    obj: Json = copy.deepcopy(_fixtures()[resource])
+    obj.update(dict.fromkeys(unset.split()), **fields)
+    return obj
+
+
+def list_object(url: str, data: list[Json], limit: int | None) -> Json:
+    limit = max(1, min(limit or 10, 100))
+    return {"object": "list", "data": data[:limit], "has_more": len(data) > limit, "url": url}
+
+
+def add_interval(ts: int, unit: str, count: int) -> int:
+    """`ts` moved by `count` days/weeks/months/years; a month end clamps like Stripe's anchors."""
+    if unit in ("day", "week"):
+        return ts + count * 86400 * (7 if unit == "week" else 1)
+    start = datetime.fromtimestamp(ts, UTC)
+    years, month0 = divmod(start.month - 1 + count * (12 if unit == "year" else 1), 12)
+    year, month = start.year + years, month0 + 1
+    day = min(start.day, monthrange(year, month)[1])
+    return int(start.replace(year=year, month=month, day=day).timestamp())
+
+
+def period_end_after(anchor: int, recurring: Json, after: int) -> int:
+    """The first period boundary counted from `anchor` that lies after `after`."""
+    unit, count, n = recurring["interval"], recurring["interval_count"], 1
+    while add_interval(anchor, unit, count * n) <= after:
+        n += 1
+    return add_interval(anchor, unit, count * n)
+
+
+def sim_now(sub: Json) -> int:
+    """Simulated time: renewals move item periods ahead of the wall clock."""
+    starts = [int(item["current_period_start"]) for item in sub["items"]["data"]]
+    return max([int(time.time()), *starts])
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def decode_form(pairs: Iterable[tuple[str, str]]) -> Json:
+    """`a[b][0][c]=v` pairs to nested dicts/lists; `a[]` appends; metadata keys stay keys."""
+    root: Json = {}
+    for key, value in pairs:
+        head, bracket, rest = key.partition("[")
+        if bracket and not rest.endswith("]"):
+            raise StripeError(400, f"Invalid parameter name: {key}", param=key)
+        parts = [head, *(rest[:-1].split("][") if bracket else [])]
+        node: Any = root
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict):
+                raise StripeError(400, f"Invalid parameter: {key} mixes a value and an object.")
+            part = part or str(len(node))
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+    decoded: Json = _listify(root, "")
+    return decoded
+
+
+def _listify(node: Any, name: str) -> Any:
+    if not isinstance(node, dict):
+        return node
+    items = {k: _listify(v, k) for k, v in node.items()}
+    if items and name != "metadata" and all(k.isdigit() for k in items):
+        return [items[k] for k in sorted(items, key=int)]
+    return items
+
+
+def check_known(keys: Iterable[str], allowed: frozenset[str]) -> None:
+    """Refuse any parameter outside the endpoint's allow-list, naming it as Stripe does."""
+    for key in keys:
+        shape = re.sub(r"\[\d*\]", "[]", key)  # line_items[0][price] -> line_items[][price]
+        if shape in allowed or any(
+            a.endswith("[*]") and (shape.startswith(a[:-2]) or shape == a[:-3]) for a in allowed
+        ):
+            continue
+        message = f"Received unknown parameter: {key}"
+        raise StripeError(400, message, code="parameter_unknown", param=key)
+
+
+def param_name(prefix: str, name: str) -> str:
+    return f"{prefix}[{name}]" if prefix else name
+
+
+def as_int(params: Json, name: str, *, required: bool = False) -> int | None:
+    value = params.get(name)
+    if value is None or value == "":
+        if required:
+            raise missing(name)
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        message = f"Invalid integer: {value}"
+        raise StripeError(400, message, code="parameter_invalid_integer", param=name) from None
+
+
+def as_bool(params: Json, name: str) -> bool | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if value not in ("true", "false"):
+        raise StripeError(400, f"Invalid boolean: {value}", param=name)
+    return bool(value == "true")
+
+
+def as_object(params: Json, name: str, *, required: bool = False) -> Json:
+    """A nested parameter (`name[key]=...`); {} when absent."""
+    value = params.get(name)
+    if value is None and required:
+        raise missing(name)
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict):
+        raise StripeError(400, "Invalid object", param=name)
+    return value
+
+
+def required(params: Json, name: str, prefix: str = "") -> Any:
+    if params.get(name) in (None, ""):
+        raise missing(param_name(prefix, name))
+    return params[name]
+
+
+def metadata(current: Json, update: Any) -> Json:
+    """Stripe's metadata update: strings only, "" unsets a key, an empty `metadata=` clears all."""
+    if update == "":
+        return {}
+    if not isinstance(update, dict):
+        raise StripeError(400, "Invalid object", param="metadata")
+    merged = dict(current)
+    for key, value in update.items():
+        if value == "":
+            merged.pop(key, None)
+        else:
+            merged[key] = str(value)
+    return merged
+
+
+class Endpoint(NamedTuple):
+    kind: str  # "api" (Stripe wire format), "control" (JSON) or "page" (HTML)
+    handler: Callable[..., Any]
+    allowed: frozenset[str] = frozenset()
+
+
+def api(method: str, path: str, handler: Callable[..., Json], allowed: str = "") -> Rule:
+    """A Stripe route; `allowed` lists its parameters (`[]` an index, `[*]` any key)."""
+    endpoint = Endpoint("api", handler, frozenset([*allowed.split(), "expand[]"]))
+    return Rule(path, methods=[method], endpoint=endpoint)
+
+
+def control(method: str, path: str, handler: Callable[..., Any], kind: str = "control") -> Rule:
+    return Rule(path, methods=[method], endpoint=Endpoint(kind, handler))
+
+
+ID = "/<object_id>"
+
+
+# ---------------------------------------------------------------- state
+
+
+class State:
+    """Everything the stand-in knows, in memory; every read and write holds `lock`."""
+
+    KINDS = (
+        "customer",
+        "product",
+        "price",
+        "billing.meter",
+        "checkout.session",
+        "subscription",
+        "subscription_schedule",
+        "invoice",
+        "invoiceitem",
+        "billing_portal.session",
+        "webhook_endpoint",
+    )
+
+    def __init__(self, has_webhook: bool) -> None:
+        self.lock = threading.Lock()
+        self.has_webhook = has_webhook
+        self.store: dict[str, dict[str, Json]] = {kind: {} for kind in self.KINDS}
+        self.session_orders: dict[str, Json] = {}  # checkout id -> line items, subscription_data
+        self.meter_events: dict[str, Json] = {}  # by identifier
+        self.billed: dict[str, str] = {}  # meter event identifier -> invoice that billed it
+        self.event_log: dict[str, Json] = {}
+        self.idempotency: dict[str, Json] = {}
+        self.declines: dict[str, int] = {}  # customer -> payments still to decline
+        # subscription item -> {"anchor": where its periods are counted from (default: created),
+        # "usage_start": where its unbilled usage starts (a metered price change moves it)}
+        self.item_clocks: dict[str, Json] = {}
+        self.pending_changes: dict[str, Json] = {}  # subscription -> the pending update's effect
+
+    def get(self, kind: str, object_id: Any, param: str = "id", status: int = 400) -> Json:
+        obj = self.store[kind].get(object_id) if isinstance(object_id, str) else None
+        if obj is None:
+            raise no_such(kind.split(".")[-1].replace("_", " "), str(object_id), param, status)
+        return obj
+
+    def put(self, obj: Json) -> Json:
+        self.store[obj["object"]][obj["id"]] = obj
+        return obj
+
+    SAVED = (
+        "store",
+        "session_orders",
+        "meter_events",
+        "billed",
+        "event_log",
+        "idempotency",
+        "declines",
+        "item_clocks",
+        "pending_changes",
+    )
+
+    def save(self, path: Path) -> None:
+        """Write everything to `path` (local runs keep Stripe's side next to their database)."""
+        with self.lock:
+            path.write_text(json.dumps({name: getattr(self, name) for name in self.SAVED}))
+
+    def load(self, path: Path) -> None:
+        """Read what `save` wrote, if anything."""
+        if path.exists():
+            saved = json.loads(path.read_text())
+            with self.lock:
+                for name in self.SAVED:
+                    getattr(self, name).update(saved.get(name, {}))
+
+    def dump(self) -> Json:
+        names = {"billing.meter": "meters", "checkout.session": "checkout_sessions"}
+        out: Json = {names.get(k, k + "s"): list(v.values()) for k, v in self.store.items()}
+        out["meter_events"] = [
+            {**e, "billed_on": self.billed.get(key)} for key, e in self.meter_events.items()
+        ]
+        out["events"] = list(self.event_log.values())
+        out["checkout_orders"] = self.session_orders  # line items as sent, by session id
+        return copy.deepcopy(out)
+
+
+@dataclass
+class Call:
+    """One request: the state, its decoded parameters, and the events it causes."""
+
+    state: State
+    params: Json
+    base_url: str = ""
+    request_id: str | None = None
+    idempotency_key: str | None = None
+    events: list[Json] = field(default_factory=list)
+
+    def emit(self, event_type: str, obj: Json) -> None:
+        event = fixture(
+            "event",
+            id=new_id("evt"),
+            api_version=API_VERSION,
+            created=int(time.time()),
+            data={"object": copy.deepcopy(obj)},
+            livemode=False,
+            pending_webhooks=1 if self.state.has_webhook else 0,
+            request={"id": self.request_id, "idempotency_key": self.idempotency_key},
+            type=event_type,
+        )
+        self.state.event_log[event["id"]] = {
+            "id": event["id"],
+            "type": event_type,
+            "object_id": obj["id"],
+            "created": event["created"],
+            "deliveries": [],
+        }
+        self.events.append(event)
