@@ -227,6 +227,59 @@ def ensure_price(client: stripe.StripeClient, want: dict[str, Any]) -> str:
     return str(created.id)
 
 
+# The customer portal: payment methods, invoices, cancellation at the period end, and NO plan
+# switching. Stripe's portal cannot update a subscription with several items or a metered price
+# (docs.stripe.com/customer-management, "Limitations": such a subscription can only be canceled
+# there), and ours have two (flat + metered): plan changes go through change-plan.
+PORTAL_MARK = {"mb_portal": "metered-billing"}
+PORTAL_FEATURES: dict[str, Any] = {
+    "customer_update": {"enabled": True, "allowed_updates": ["email", "address", "name", "tax_id"]},
+    "invoice_history": {"enabled": True},
+    "payment_method_update": {"enabled": True},
+    "subscription_cancel": {
+        "enabled": True,
+        "mode": "at_period_end",
+        "proration_behavior": "none",
+    },
+    "subscription_update": {"enabled": False},
+}
+
+
+def ensure_portal_configuration(client: stripe.StripeClient) -> str:
+    """Our portal configuration (found by its metadata), created or brought back to our features."""
+    configs = client.v1.billing_portal.configurations.list(params={"active": True, "limit": 100})
+    ours = next(
+        (
+            c
+            for c in configs.data
+            if (c.to_dict().get("metadata") or {}).get("mb_portal") == PORTAL_MARK["mb_portal"]
+        ),
+        None,
+    )
+    if ours is None:
+        created = client.v1.billing_portal.configurations.create(
+            params={"features": PORTAL_FEATURES, "metadata": PORTAL_MARK},  # type: ignore[typeddict-item]
+            options={"idempotency_key": "mb-portal-configuration"},
+        )
+        print(f"portal configuration: created {created.id} (no plan switching)")
+        return str(created.id)
+    features = ours.features
+    if features.subscription_update.enabled or not (
+        features.subscription_cancel.enabled
+        and features.subscription_cancel.mode == "at_period_end"
+        and features.payment_method_update.enabled
+        and features.invoice_history.enabled
+    ):
+        client.v1.billing_portal.configurations.update(
+            ours.id,
+            params={"features": PORTAL_FEATURES},  # type: ignore[typeddict-item]
+        )
+        print(f"portal configuration {ours.id}: features restored (no plan switching)")
+    else:
+        print(f"portal configuration: found {ours.id}")
+    return str(ours.id)
+
+
 def write_plans(database_url: str, catalog: dict[str, Any], ids: dict[str, str]) -> None:
     """Upsert each plan by name with its amounts and Stripe price ids; take every plan the
     catalogue no longer names off sale. One transaction."""
@@ -316,6 +369,8 @@ def sync_catalog(settings: Settings, catalog: dict[str, Any], *, dry_run: bool) 
         ids[want["lookup_key"]] = ensure_price(client, want)
     assert settings.DATABASE_URL is not None
     write_plans(settings.DATABASE_URL, catalog, ids)
+    portal = ensure_portal_configuration(client)
+    print(f"portal: set STRIPE_PORTAL_CONFIGURATION_ID={portal} for create-portal-session")
     if SETUP_FEE_KEY in ids:
         print(
             f"setup fee: set STRIPE_SETUP_FEE_PRICE_ID={ids[SETUP_FEE_KEY]} for create-checkout-session"

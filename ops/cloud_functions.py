@@ -30,6 +30,11 @@ FUNCTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "create-portal-session": (
         "create_portal_session",
         ("DATABASE_URL", "STRIPE_SECRET_KEY", "SUPABASE_JWT_SECRET"),
+        ("WEBSITE_URL", "SUPABASE_URL", "STRIPE_PORTAL_CONFIGURATION_ID"),
+    ),
+    "change-plan": (
+        "change_plan",
+        ("DATABASE_URL", "STRIPE_SECRET_KEY", "SUPABASE_JWT_SECRET"),
         ("WEBSITE_URL", "SUPABASE_URL"),
     ),
     "stripe-webhook-handler": (

@@ -3,11 +3,13 @@
     BillingError                  status, stable snake_case code, message for a person
     ├── BadRequest            400 bad_request (invalid_signature, invalid_json, ...)
     ├── Unauthorized          401 unauthorized (missing_token, invalid_token, token_expired, ...)
+    ├── PaymentRequired       402 payment_failed: a charge we asked for was declined
     ├── Forbidden             403 forbidden
     ├── NotFound              404 not_found (organisation_not_found, plan_not_found, ...)
     ├── MethodNotAllowed      405 method_not_allowed
     ├── Conflict              409 conflict (already_subscribed, ...)
     ├── PayloadTooLarge       413 payload_too_large
+    ├── UnsupportedMediaType  415 unsupported_media_type (a body that is not application/json)
     ├── Unprocessable         422 validation_error (names the field)
     ├── UpstreamError         502 stripe_error: Stripe refused a request we made
     └── Unavailable           503 service_unavailable: retry later (Stripe or the database)
@@ -51,6 +53,11 @@ class Unauthorized(BillingError):
     default_code = "unauthorized"
 
 
+class PaymentRequired(BillingError):
+    status = 402
+    default_code = "payment_failed"
+
+
 class Forbidden(BillingError):
     status = 403
     default_code = "forbidden"
@@ -76,6 +83,11 @@ class PayloadTooLarge(BillingError):
     default_code = "payload_too_large"
 
 
+class UnsupportedMediaType(BillingError):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
 class Unprocessable(BillingError):
     status = 422
     default_code = "validation_error"
@@ -96,11 +108,13 @@ _BY_STATUS: dict[int, type[BillingError]] = {
     for cls in (
         BadRequest,
         Unauthorized,
+        PaymentRequired,
         Forbidden,
         NotFound,
         MethodNotAllowed,
         Conflict,
         PayloadTooLarge,
+        UnsupportedMediaType,
         Unprocessable,
         UpstreamError,
         Unavailable,

@@ -12,11 +12,19 @@ from typing import Any, TypeVar
 import flask
 from pydantic import BaseModel, ValidationError
 
-from shared.errors import BadRequest, BillingError, MethodNotAllowed, PayloadTooLarge, Unprocessable
+from shared.errors import (
+    BadRequest,
+    BillingError,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger("metered_billing")
 
 MAX_BODY_BYTES = 64 * 1024
+JSON_MEDIA_TYPE = "application/json"
 
 Handler = Callable[[flask.Request], flask.Response]
 Model = TypeVar("Model", bound=BaseModel)
@@ -85,12 +93,19 @@ def endpoint(
 
 
 def read_json(request: flask.Request) -> Any:
-    """The request body as JSON; 413 when too large, 400 when it is not JSON."""
+    """The request body as JSON (None when empty); 413 when too large, 415 when a body is sent
+    as another media type than application/json, 400 when it is not JSON."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"The body is larger than {MAX_BODY_BYTES} bytes.")
     raw = request.get_data(cache=True)
     if len(raw) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"The body is larger than {MAX_BODY_BYTES} bytes.")
+    # `mimetype` is lower-cased and without parameters (`; charset=utf-8` is fine).
+    if raw and request.mimetype != JSON_MEDIA_TYPE:
+        found = f"Content-Type {request.mimetype[:100]}" if request.mimetype else "no Content-Type"
+        raise UnsupportedMediaType(
+            f"The body must be JSON sent as Content-Type {JSON_MEDIA_TYPE}; this one has {found}."
+        )
     try:
         # NaN and Infinity parse to floats on purpose: the models refuse them naming the field.
         return json.loads(raw or b"null")

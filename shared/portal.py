@@ -51,6 +51,12 @@ def open_billing_portal(
             params={
                 "customer": context["stripe_customer_id"],
                 "return_url": website_url(settings, order.return_path),
+                # ./deploy.sh stripe-catalog's: no plan switching (plans change via change-plan)
+                **(
+                    {"configuration": settings.STRIPE_PORTAL_CONFIGURATION_ID}
+                    if settings.STRIPE_PORTAL_CONFIGURATION_ID
+                    else {}
+                ),
             }
         )
     if not session.url:

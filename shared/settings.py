@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     STRIPE_MAX_NETWORK_RETRIES: int = Field(default=1, ge=0, le=5)
     STRIPE_METER_EVENT_NAME: str = "voice_call_minutes"
     STRIPE_SETUP_FEE_PRICE_ID: str | None = None
+    STRIPE_PORTAL_CONFIGURATION_ID: str | None = None
     WEBSITE_URL: str | None = None
     DATABASE_POOL_SIZE: int = Field(default=10, ge=1, le=100)
 

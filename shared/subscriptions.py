@@ -27,6 +27,8 @@ from shared.db import Database
 from shared.errors import Unavailable, UpstreamError
 from shared.stripe_api import stripe_errors
 
+# Invoice line parents that may bill a cycle's metered usage (see normalise_invoice).
+USAGE_LINE_PARENTS = ("subscription_item_details", "invoice_item_details")
 # Stripe never brings these back: no metered item is added to them.
 ENDED_STATUSES = frozenset({"canceled", "incomplete_expired"})
 # Stripe invoices these: an organisation has at most one of them.
@@ -105,6 +107,7 @@ def normalise_subscription(subscription: dict[str, Any]) -> dict[str, Any]:
         "created": subscription.get("created"),
         "latest_invoice": stripe_id(subscription.get("latest_invoice")),
         "duplicate_of": duplicate_of(subscription),
+        "schedule": stripe_id(subscription.get("schedule")),
         "items": [
             {
                 "price_id": stripe_id(item.get("price")),
@@ -120,18 +123,20 @@ def normalise_subscription(subscription: dict[str, Any]) -> dict[str, Any]:
 def normalise_invoice(invoice: dict[str, Any]) -> dict[str, Any]:
     """The invoice's usage lines: the ones that say which billing cycle's usage it billed.
 
-    A usage line is a subscription item's own line (`parent.type` subscription_item_details),
-    not a proration; `pricing.price_details.price` says which price (SQL keeps the metered ones).
-    Prorations and invoice items (metered usage billed early at a price change, a setup fee) bill
-    part of a period or none, and the invoice's own period_start/period_end is not a service
-    period: none of them closes a cycle.
+    A usage line is a subscription item's own line (`parent.type` subscription_item_details), or
+    the invoice item that bills a metered price's usage when the price is replaced during a
+    period (invoice_item_details, the part of the cycle before the change), not a proration;
+    `pricing.price_details.price` says which price (SQL keeps the metered ones, so a setup fee's
+    invoice item closes nothing). Prorations bill part of a flat fee, and the invoice's own
+    period_start/period_end is not a service period: neither closes a cycle.
     """
     usage = []
     for line in (invoice.get("lines") or {}).get("data") or []:
         parent = line.get("parent") or {}
-        item = parent.get("subscription_item_details") or {}
+        kind = parent.get("type")
+        item = parent.get(kind) if kind in USAGE_LINE_PARENTS else None
         period = line.get("period") or {}
-        if parent.get("type") != "subscription_item_details" or item.get("proration"):
+        if not isinstance(item, dict) or item.get("proration"):
             continue
         price = ((line.get("pricing") or {}).get("price_details") or {}).get("price")
         usage.append(
@@ -193,15 +198,20 @@ def apply_state(
     invoice: dict[str, Any] | None = None,
     checkout_session: str | None = None,
     actor: str = "stripe-webhook",
+    changed_at: datetime | None = None,
 ) -> dict[str, Any]:
     """Apply a fetched state (and mark `event_id` processed) in one SQL call; its result.
 
     The result's `duplicate` ({kept, newer}) says the organisation has two live subscriptions;
-    `event_id` then stays unprocessed (see `sync_subscription`).
+    `event_id` then stays unprocessed (see `sync_subscription`). `changed_at`: when a change of
+    the metered price happened, if known (a cycle is split there; else at the fetch).
     """
+    state = normalise_subscription(fetched.subscription)
+    if changed_at is not None:
+        state["changed_at"] = int(changed_at.timestamp())
     result: dict[str, Any] = database.call(
         "apply_subscription_state",
-        p_state=normalise_subscription(fetched.subscription),
+        p_state=state,
         p_state_at=fetched.fetched_at.isoformat(),
         p_event_id=event_id,
         p_organisation_id=organisation,
@@ -263,6 +273,7 @@ def sync_subscription(
     checkout_session: str | None = None,
     add_metered_item: bool = False,
     actor: str = "stripe-webhook",
+    changed_at: datetime | None = None,
 ) -> dict[str, Any]:
     """Fetch the subscription from Stripe and apply its current state; the SQL result.
 
@@ -281,6 +292,7 @@ def sync_subscription(
         "invoice": invoice,
         "checkout_session": checkout_session,
         "actor": actor,
+        "changed_at": changed_at,
     }
     for _ in range(MAX_DUPLICATE_ROUNDS):
         result = apply_state(fetched, database=database, **options)

@@ -110,7 +110,15 @@ class FlushCommand(BaseModel):
     """POST report-usage {"action": "flush"}: deliver due pending meter events."""
 
     action: Literal["flush"]
-    limit: Annotated[int, Field(strict=True, ge=1, le=1000)] = DEFAULT_FLUSH_LIMIT
+    limit: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_FLUSH_LIMIT
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """JSON's integers, 5.0 included (JSON Schema counts it as one); not true nor "5"."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be a whole number")
+        return value
 
 
 @dataclass(frozen=True)

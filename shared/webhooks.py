@@ -36,6 +36,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -141,6 +142,7 @@ class EventContext:
     event_id: str
     database: Database
     stripe_client: stripe.StripeClient
+    created: int = 0  # when Stripe made the event (unix s)
 
 
 def _ignore(context: EventContext, reason: str) -> str:
@@ -217,7 +219,9 @@ def on_subscription_event(subscription: dict[str, Any], context: EventContext) -
     subscription_id = stripe_id(subscription.get("id"))
     if subscription_id is None:
         return _ignore(context, "the event's subscription has no id")
-    return _sync(context, subscription_id)
+    # A change of its metered price happened when Stripe made this event (a cycle is split
+    # there, never before the cycle was last confirmed: sql/0050).
+    return _sync(context, subscription_id, changed_at=datetime.fromtimestamp(context.created, UTC))
 
 
 def on_invoice_event(invoice: dict[str, Any], context: EventContext, *, paid: bool) -> str:
@@ -299,7 +303,7 @@ def process_event(
     )
     if handler is None or claim["status"] != "claimed":
         return str(claim["status"])  # 'ignored' or 'duplicate'
-    context = EventContext(event["id"], database, stripe_client)
+    context = EventContext(event["id"], database, stripe_client, int(event["created"]))
     try:
         return handler(event["data"]["object"], context)
     except Exception as error:

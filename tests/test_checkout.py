@@ -715,6 +715,29 @@ def test_bad_bodies_are_4xx_naming_the_field(
     assert response.get_json()["error"].get("field") == field
 
 
+def test_a_json_body_sent_as_text_plain_is_415_and_nothing_is_opened(
+    client: Any,
+    stripe_api: FakeStripe,
+    buyer: dict[str, Any],
+    make_plan: Callable[..., Any],
+    db: Any,
+) -> None:
+    # text/plain is what a page gets without a preflight: the body must say it is JSON.
+    body = {"plan_id": str(make_plan()["id"]), "billing_period": "monthly"}
+    headers = {"Authorization": f"Bearer {user_token(buyer['user'])}", "Origin": WEBSITE_URL}
+    response = client.post(
+        "/", data=json.dumps(body), content_type="text/plain;charset=UTF-8", headers=headers
+    )
+
+    assert (response.status_code, error_code(response)) == (415, "unsupported_media_type")
+    assert response.headers["Access-Control-Allow-Origin"] == WEBSITE_URL
+    assert stripe_api.calls == {}
+    assert db.execute(
+        "select count(*) as n from public.checkout_sessions where organisation_id = %s",
+        (buyer["org"]["id"],),
+    ).fetchone() == {"n": 0}
+
+
 # --- redirects stay on the website --------------------------------------------------------------
 
 

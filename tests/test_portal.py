@@ -10,7 +10,7 @@ import httpx
 import pytest
 import respx
 
-from tests.conftest import WEBSITE_URL
+from tests.conftest import WEBSITE_URL, user_token
 from tests.test_checkout import (
     PORTAL,
     FakeStripe,
@@ -101,6 +101,17 @@ def test_browser_cannot_name_the_customer(
     response = post(client, {"customer": "cus_someone_else"}, user=subscribed["owner"])
 
     assert (response.status_code, error_code(response)) == (422, "validation_error")
+    assert stripe_api.calls == {}
+
+
+def test_a_json_body_sent_as_text_plain_is_415_and_stripe_is_not_called(
+    client: Any, stripe_api: FakeStripe, subscribed: dict[str, Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {user_token(subscribed['owner'])}", "Origin": WEBSITE_URL}
+    response = client.post("/", data="{}", content_type="text/plain", headers=headers)
+
+    assert (response.status_code, error_code(response)) == (415, "unsupported_media_type")
+    assert response.headers["Access-Control-Allow-Origin"] == WEBSITE_URL
     assert stripe_api.calls == {}
 
 

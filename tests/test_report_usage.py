@@ -32,6 +32,7 @@ FIELDS = {
     "included_minutes",
     "overage_minutes",
     "overage_cost_cents",
+    "late",
     "meter_status",
     "alerts",
     "duplicate",
@@ -184,8 +185,16 @@ def subscribe(db: Any) -> Callable[..., dict[str, Any]]:
         if cycle:
             db.execute(
                 "insert into billing_cycles (organisation_id, subscription_id, period_start,"
-                " period_end, included_minutes) values (%s, %s, %s, %s, %s)",
-                (org["id"], sub["id"], start, end, plan["included_minutes"]),
+                " period_end, included_minutes, overage_rate_cents)"
+                " values (%s, %s, %s, %s, %s, %s)",
+                (
+                    org["id"],
+                    sub["id"],
+                    start,
+                    end,
+                    plan["included_minutes"],
+                    plan["overage_rate_cents"],
+                ),
             )
         return dict(sub)
 
@@ -428,31 +437,38 @@ def test_no_included_minutes_means_no_alerts(client, meter, customer_org, make_p
     assert body["alerts"] == [] and body["overage_cost_cents"] == 36
 
 
-def test_calls_after_the_period_open_the_next_cycles_without_drift(
-    client, meter, db, customer_org, make_plan, subscribe
+def metered_period(db: Any, sub_id: Any, moment: str) -> tuple[datetime, datetime]:
+    """The monthly metered period report-usage opens for a call ending at `moment`.
+
+    Periods long past are billed late (in the current cycle, see test_late_usage.py), so the
+    calendar rule is checked on the SQL function that computes it, at fixed dates."""
+    row = db.execute(
+        "select lower(p) as start, upper(p) as end"
+        " from private.metered_period(%s, %s::timestamptz) as p",
+        (sub_id, moment),
+    ).fetchone()
+    return row["start"], row["end"]
+
+
+def test_periods_after_the_known_one_follow_the_monthly_grid_without_drift(
+    db, customer_org, make_plan, subscribe
 ):
     org, plan = customer_org(), make_plan(included_minutes=300)
     jan31 = datetime(2026, 1, 31, 10, 0, tzinfo=UTC)
     feb28 = datetime(2026, 2, 28, 10, 0, tzinfo=UTC)
+    mar31 = datetime(2026, 3, 31, 10, 0, tzinfo=UTC)
     sub = subscribe(org, plan, start=jan31, end=feb28)
 
-    report(client, org["id"], "march", call_duration_minutes=5, ended_at="2026-03-15T12:00:00Z")
-    report(client, org["id"], "march-2", call_duration_minutes=2, ended_at="2026-03-31T09:59:59Z")
-    report(client, org["id"], "april", call_duration_minutes=4, ended_at="2026-03-31T10:00:00Z")
-
-    cycles = cycles_of(db, sub["id"])
-    assert [(c["period_start"], c["period_end"], c["minutes_used"]) for c in cycles] == [
-        (jan31, feb28, 0),
-        (feb28, datetime(2026, 3, 31, 10, 0, tzinfo=UTC), 7),
-        (datetime(2026, 3, 31, 10, 0, tzinfo=UTC), datetime(2026, 4, 30, 10, 0, tzinfo=UTC), 4),
-    ]
-    assert all(c["included_minutes"] == 300 for c in cycles)
-    row = usage_row(db, org["id"], "march")
-    assert row["billing_cycle_id"] == cycles[1]["id"]
+    assert metered_period(db, sub["id"], "2026-03-15T12:00:00Z") == (feb28, mar31)
+    assert metered_period(db, sub["id"], "2026-03-31T09:59:59Z") == (feb28, mar31)
+    assert metered_period(db, sub["id"], "2026-03-31T10:00:00Z") == (
+        mar31,
+        datetime(2026, 4, 30, 10, 0, tzinfo=UTC),
+    )
 
 
-def test_a_call_after_an_irregular_period_opens_the_next_one_where_it_ended(
-    client, meter, db, customer_org, make_plan, subscribe
+def test_a_period_after_an_irregular_one_starts_where_it_ended(
+    db, customer_org, make_plan, subscribe
 ):
     """A period off the monthly grid (a trial, an anchor reset) is followed by one starting at
     its end: the call goes to that new cycle, never to the ended one that does not contain it."""
@@ -461,16 +477,30 @@ def test_a_call_after_an_irregular_period_opens_the_next_one_where_it_ended(
     trial_end = datetime(2026, 2, 3, 10, 0, tzinfo=UTC)
     sub = subscribe(org, plan, start=trial_start, end=trial_end)
 
-    report(
-        client, org["id"], "after-trial", call_duration_minutes=3, ended_at="2026-02-05T12:00:00Z"
-    )
-    report(client, org["id"], "at-the-end", call_duration_minutes=1, ended_at=at(trial_end))
+    march3 = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)
+    assert metered_period(db, sub["id"], "2026-02-05T12:00:00Z") == (trial_end, march3)
+    assert metered_period(db, sub["id"], at(trial_end)) == (trial_end, march3)
+
+
+def test_calls_after_the_known_period_open_the_next_cycles(
+    client, meter, db, customer_org, make_plan, subscribe
+):
+    """Calls now, after a period the webhook has not renewed yet, open the periods that follow
+    on the grid, each once, with the terms of the subscription's metered price."""
+    org, plan = customer_org(), make_plan(included_minutes=300)
+    start = NOW - timedelta(days=45)
+    sub = subscribe(org, plan, start=start, end=month_after(start))
+
+    report(client, org["id"], "now-1", call_duration_minutes=5, ended_at=at(NOW))
+    report(client, org["id"], "now-2", call_duration_minutes=2, ended_at=at(NOW))
 
     cycles = cycles_of(db, sub["id"])
-    assert [(c["period_start"], c["period_end"], c["minutes_used"]) for c in cycles] == [
-        (trial_start, trial_end, 0),
-        (trial_end, datetime(2026, 3, 3, 10, 0, tzinfo=UTC), 4),
+    assert [(c["period_start"], c["minutes_used"]) for c in cycles] == [
+        (start, 0),
+        (month_after(start), 7),
     ]
+    assert all(c["included_minutes"] == 300 and c["overage_rate_cents"] == 50 for c in cycles)
+    assert usage_row(db, org["id"], "now-1")["billing_cycle_id"] == cycles[1]["id"]
 
 
 def test_a_call_in_a_short_first_period_without_a_cycle_opens_that_period(
@@ -593,17 +623,18 @@ def test_a_report_racing_a_subscription_update_does_not_deadlock(
 # ------------------------------------------------------------------ Stripe's answers
 
 
-def test_stripe_refusing_for_good_marks_failed_with_its_reason(
-    client, meter, db, customer_org, make_plan, subscribe
-):
-    org = customer_org()
-    subscribe(org, make_plan(), start=NOW - timedelta(days=50), end=NOW + timedelta(days=10))
-    response = report(client, org["id"], "old", ended_at=at(NOW - timedelta(days=40)))
+def test_stripe_refusing_for_good_marks_failed_with_its_reason(client, meter, db, subscribed):
+    org = subscribed["org"]
+    meter.fail_next(
+        stripe_error(400, "Invalid value: the meter event payload value must be an integer.")
+    )
+    response = report(client, org["id"], "refused")
     assert response.status_code == 201
     assert response.get_json()["meter_status"] == "failed"
-    row = usage_row(db, org["id"], "old")
-    assert row["meter_status"] == "failed" and "35 calendar days" in row["meter_error"]
+    row = usage_row(db, org["id"], "refused")
+    assert row["meter_status"] == "failed" and "must be an integer" in row["meter_error"]
     assert row["billed_minutes"] == 2  # the minutes are still counted in the cycle
+    assert cycles_of(db, subscribed["sub"]["id"])[0]["minutes_used"] == 2
 
 
 def test_identifier_already_at_stripe_counts_as_sent(client, meter, db, subscribed):
@@ -739,6 +770,21 @@ def test_invalid_json_is_400(client):
     response = client.post("/", data="{nope", content_type="application/json", headers=AUTH)
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_of_another_media_type_is_415_and_nothing_is_recorded(
+    client, meter, db, subscribed, content_type
+):
+    org_id = str(subscribed["org"]["id"])
+    body = json.dumps({"org_id": org_id, "call_id": "plain", "call_duration_seconds": 61})
+    response = client.post("/", data=body, content_type=content_type, headers=AUTH)
+
+    assert response.status_code == 415, response.get_json()
+    assert response.get_json()["error"]["code"] == "unsupported_media_type"
+    assert_documented("/report-usage", "POST", 415, response.get_json())
+    assert usage_row(db, org_id, "plain") is None
+    assert meter.requests == []
 
 
 def test_an_ended_at_without_offset_is_utc_and_five_minutes_ahead_is_fine(

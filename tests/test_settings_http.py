@@ -53,9 +53,9 @@ def sample(request: flask.Request) -> flask.Response:
     return flask.jsonify(ok=True)
 
 
-def call(method="POST", data=b"{}"):
+def call(method="POST", data=b"{}", content_type="application/json"):
     app = flask.Flask(__name__)
-    with app.test_request_context("/", method=method, data=data):
+    with app.test_request_context("/", method=method, data=data, content_type=content_type):
         return sample(flask.request)
 
 
@@ -79,6 +79,32 @@ def test_errors_have_one_shape(method, data, status, code):
     assert response.status_code == status
     body = json.loads(response.get_data())
     assert body["error"]["code"] == code and body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "application/json; charset=utf-8", "Application/JSON"],
+)
+def test_json_media_type_may_have_parameters_and_any_case(content_type):
+    assert call(data=b'{"minutes": 1}', content_type=content_type).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonp", "text/json"],
+)
+def test_a_body_of_another_media_type_is_415(content_type):
+    response = call(data=b'{"minutes": 1}', content_type=content_type)
+    assert response.status_code == 415
+    error = json.loads(response.get_data())["error"]
+    assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+
+
+def test_an_empty_body_is_read_as_before_whatever_its_media_type():
+    # No body at all is not a media-type question: the model's own refusal still answers.
+    response = call(data=b"", content_type="text/plain")
+    assert response.status_code == 422
+    assert json.loads(response.get_data())["error"]["field"] == "body"
 
 
 def test_validation_error_names_the_field():

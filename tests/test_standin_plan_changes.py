@@ -211,7 +211,10 @@ def test_upgrade_always_invoice_paid_swaps_items_and_bills_prorations_and_old_us
     assert usage["period"]["start"] == metered.current_period_start
     assert kinds["own"] == []
     assert invoice.total == invoice.amount_paid == sum(x["amount"] for x in lines_of(invoice))
-    assert normalise_invoice(invoice.to_dict())["lines"] == []  # closes no billing cycle
+    # The usage invoice item names the part of the cycle before the change; prorations none.
+    [usage_line] = normalise_invoice(invoice.to_dict())["lines"]
+    assert usage_line["price_id"] == plans["basic_overage"]
+    assert usage_line["period_end"] == usage["period"]["end"]
     receiver.wait_for(delivered + 2)
     assert receiver.types()[delivered:] == ["customer.subscription.updated", "invoice.paid"]
 
@@ -398,7 +401,11 @@ def test_metered_swap_bills_earlier_usage_at_the_old_tiers_on_the_next_invoice(
     assert later["period"]["start"] == early["period"]["end"]
     assert later["period"]["end"] == metered.current_period_end
     usage_lines = normalise_invoice(invoice.to_dict())["lines"]
-    assert {x["price_id"] for x in usage_lines} == {plans["pro_overage"], plans["basic_monthly"]}
+    assert {x["price_id"] for x in usage_lines} == {
+        plans["pro_overage"],
+        plans["basic_monthly"],
+        plans["basic_overage"],
+    }
 
 
 def test_metered_swap_with_proration_none_bills_the_earlier_usage_nowhere(

@@ -249,6 +249,7 @@ class State:
         "checkout.session",
         "subscription",
         "subscription_schedule",
+        "billing_portal.configuration",
         "invoice",
         "invoiceitem",
         "billing_portal.session",
