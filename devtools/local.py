@@ -33,9 +33,10 @@ from typing import Any
 import psycopg
 from jose import jwt
 
-from ops.catalog import ROOT, load_plans, sync_catalog
+from ops.catalog import ROOT, ensure_portal_configuration, load_plans, sync_catalog
 from ops.migrate import migrate
 from shared.settings import Settings
+from shared.stripe_api import make_stripe_client
 
 DEMO_OWNER_ID = "00000000-0000-4000-8000-00000000d3e0"
 DEMO_OWNER_EMAIL = "owner@demo.example"
@@ -47,6 +48,7 @@ FUNCTIONS = {
     "stripe-webhook-handler": ("stripe_webhook_handler", 2),
     "report-usage": ("report_usage", 3),
     "create-portal-session": ("create_portal_session", 4),
+    "change-plan": ("change_plan", 5),
 }
 
 
@@ -171,6 +173,9 @@ class Stack:
         ids = sync_catalog(Settings(**self.env), load_plans(ROOT / "plans.toml"), dry_run=False)
         if "mb_setup_fee" in ids:
             self.env["STRIPE_SETUP_FEE_PRICE_ID"] = ids["mb_setup_fee"]
+        # The portal as deployed: no plan switching (sync_catalog made it; found again here).
+        portal = ensure_portal_configuration(make_stripe_client(Settings(**self.env)))
+        self.env["STRIPE_PORTAL_CONFIGURATION_ID"] = portal
         seed_demo_organisation(database_url)
         self._start_functions()
 
@@ -257,27 +262,37 @@ def running(data: Path, **options: Any) -> Iterator[Stack]:
 
 
 def starter_plan_id(database_url: str) -> str:
+    return plan_ids(database_url)[0]
+
+
+def plan_ids(database_url: str) -> tuple[str, str]:
+    """The ids of the two cheapest active plans (Starter, Growth in plans.toml)."""
     with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "select id from public.billing_plans where active order by sort_order limit 1"
-        ).fetchone()
-    return str(row[0]) if row else "<no plan: run ./deploy.sh stripe-catalog>"
+        rows = conn.execute(
+            "select id from public.billing_plans where active order by sort_order limit 2"
+        ).fetchall()
+    ids = [str(row[0]) for row in rows]
+    starter, growth, *_ = [*ids, *["<no plan: run ./deploy.sh stripe-catalog>"] * 2]
+    return starter, growth
 
 
 def print_guide(stack: Stack) -> None:
     keys = local_secrets(stack.data)
     token = owner_token(keys["jwt_secret"])
-    plan = starter_plan_id(stack.env["DATABASE_URL"])
-    checkout, webhook, usage, portal = (stack.urls[name] for name in FUNCTIONS)
+    plan, growth = plan_ids(stack.env["DATABASE_URL"])
+    checkout, webhook, usage, portal, change = (stack.urls[name] for name in FUNCTIONS)
     standin = stack.stripe_base
     call = str(uuid.uuid4())[:8]
     print(f"""
-metered-billing is running locally. Ctrl-C stops everything.
+metered-billing is running locally. Ctrl-C stops everything. Data (Stripe's side too) stays in
+{stack.data} between runs, so a second run continues where this one stops (step 1 then answers
+409 already_subscribed); `./deploy.sh local --reset` starts from scratch.
 
   create-checkout-session  {checkout}
   stripe-webhook-handler   {webhook}
   report-usage             {usage}
   create-portal-session    {portal}
+  change-plan              {change}
   Stripe                   {standin or "real Stripe (test mode)"}
   Postgres                 {stack.env["DATABASE_URL"]}
 
@@ -285,6 +300,7 @@ Demo owner token (24 h):  export TOKEN={token}
 Service key:              export SERVICE_KEY={keys["service_key"]}
 Demo organisation:        {DEMO_ORG_ID}
 Starter plan:             {plan}
+Growth plan:              {growth}
 
 # 1. the owner buys the Starter plan (monthly)
 curl -s -X POST {checkout} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
@@ -309,10 +325,23 @@ curl -s -X POST {usage} -H "Authorization: Bearer $SERVICE_KEY" -H 'Content-Type
 
 # 4. the owner opens the billing portal
 curl -s -X POST {portal} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{{}}'
+
+# 5. the owner changes plans: an upgrade takes effect now (flat fee prorated and charged at once,
+#    the minutes so far invoiced at Starter's price); a downgrade waits for the end of the paid
+#    period (the answer says "effective": "period_end"); cancel_pending keeps the current plan
+#    (leave the last one out to see step 6's renewal switch to Starter)
+curl -s -X POST {change} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+  -d '{{"plan_id": "{growth}", "billing_period": "monthly"}}'
+curl -s -X POST {change} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+  -d '{{"plan_id": "{plan}", "billing_period": "monthly"}}'
+curl -s -X POST {change} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+  -d '{{"cancel_pending": true}}'
+# (yearly: "billing_period": "yearly" is an upgrade now; from yearly back to monthly waits)
 """)
     if standin:
-        print(f"""# 5. renewal (overage invoiced), a failed payment, recovery, cancellation
-export SUB=sub_...      # from step 2's answer
+        print(f"""# 6. renewal (overage invoiced, a pending downgrade applied), a failed payment,
+#    recovery, cancellation
+export SUB=sub_...      # from step 2's answer (also change-plan's "subscription_id")
 curl -s -X POST {standin}/_standin/subscriptions/$SUB/advance
 curl -s -X POST {standin}/_standin/subscriptions/$SUB/advance -H 'Content-Type: application/json' -d '{{"fail": true}}'
 curl -s -X POST {standin}/_standin/invoices/$INVOICE/pay      # INVOICE from the failed advance
@@ -354,7 +383,7 @@ def main() -> None:
     finally:
         print("\nstopping ...", flush=True)
         stack.stop()
-        print("stopped: functions, Stripe stand-in and Postgres (data kept in .local/)")
+        print(f"stopped: functions, Stripe stand-in and Postgres (data kept in {args.data}/)")
 
 
 if __name__ == "__main__":

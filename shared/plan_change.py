@@ -101,6 +101,10 @@ def upgrade(
     """Both items to the target prices now, prorated and invoiced; applied only if paid."""
     target, key = claim["target"], claim["change_id"]
     fetched = current_subscription(claim, database=database, stripe_client=stripe_client)
+    # What Stripe has before the change, applied first: a cycle a call opened before its renewal
+    # webhook is confirmed on the old price, so the change below splits it instead of rewriting
+    # its terms (its usage so far is billed at the old price).
+    apply_state(fetched, database=database, actor=ACTOR)
     schedule = stripe_id(fetched.subscription.get("schedule"))
     if schedule:  # a pending downgrade: the upgrade replaces it
         release(stripe_client, schedule, key)
@@ -111,9 +115,10 @@ def upgrade(
         if metered
         else {"price": target["metered_price_id"]}
     )
-    # Taken before the call: the moment the metered price changes is after it, so the usage
+    # Taken before the call, on its whole second (Stripe's times are whole seconds): the usage
     # metered before it stays on the old price's part of the cycle (docs/plan-changes.md).
-    changed_at = database_now(database)
+    started = database_now(database)
+    changed_at = started.replace(microsecond=0)
     with stripe_errors():
         updated = stripe_client.v1.subscriptions.update(
             str(fetched.subscription["id"]),
@@ -130,7 +135,7 @@ def upgrade(
             " Update the payment method (Manage billing) and try again.",
         )
     apply_state(
-        Fetched(updated.to_dict(), changed_at),
+        Fetched(updated.to_dict(), started),
         database=database,
         actor=ACTOR,
         changed_at=changed_at,

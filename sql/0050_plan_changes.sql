@@ -21,6 +21,7 @@ alter table public.subscriptions
   add column pending_billing_period text
     check (pending_billing_period in ('monthly', 'yearly')),
   add column pending_effective_at timestamptz,
+  add column pending_set_at timestamptz,
   add column stripe_schedule_id text;
 -- New and empty: nothing to validate, and new rows are checked.
 alter table public.subscriptions
@@ -186,10 +187,57 @@ begin
 end;
 $$;
 
+-- Move the change point of a split period to p_at, a better-known moment of the change (the
+-- price change's own event, or the invoice item that billed the old price's usage up to it):
+-- the usage moves between the two parts by its metered_at, and both parts are refigured. A
+-- moment outside the two parts, or before the old price was last confirmed, is not the change.
+create function private.move_split(p_part public.billing_cycles, p_at timestamptz)
+returns public.billing_cycles
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_prev public.billing_cycles;
+  v_forward integer;
+  v_back integer;
+begin
+  select c.* into v_prev
+    from public.billing_cycles c
+   where c.subscription_id = p_part.subscription_id and c.closed_by_change
+     and c.period_end = p_part.period_start
+     for update;
+  if v_prev.id is null or p_at = p_part.period_start or p_at >= p_part.period_end
+     or p_at <= v_prev.period_start or p_at < date_trunc('second', v_prev.confirmed_at) then
+    return p_part;
+  end if;
+  update public.billing_cycles c set period_end = p_at where c.id = v_prev.id;
+  update public.billing_cycles c set period_start = p_at where c.id = p_part.id;
+  with moved as (
+    update public.usage_records u set billing_cycle_id = p_part.id
+     where u.billing_cycle_id = v_prev.id and u.metered_at >= p_at
+    returning u.billed_minutes
+  )
+  select coalesce(sum(m.billed_minutes), 0) into v_forward from moved m;
+  with moved as (
+    update public.usage_records u set billing_cycle_id = v_prev.id
+     where u.billing_cycle_id = p_part.id and u.metered_at < p_at
+    returning u.billed_minutes
+  )
+  select coalesce(sum(m.billed_minutes), 0) into v_back from moved m;
+  update public.billing_cycles c set minutes_used = c.minutes_used - v_forward + v_back
+   where c.id = v_prev.id;
+  update public.billing_cycles c set minutes_used = c.minutes_used + v_forward - v_back
+   where c.id = p_part.id;
+  perform private.refigure_cycle(v_prev.id);
+  return private.refigure_cycle(p_part.id);
+end;
+$$;
+
 -- The cycles of a live subscription after a state fetched at p_seen_at: the metered item's
 -- current period is the cycle (its latest part when split), opened once, confirmed on its price;
 -- a call-opened part on another price takes this one's terms; a confirmed part on another price
--- is split at the change (p_changed_at, never before the part was last confirmed). Older active
+-- is split at the change (p_changed_at when the caller knows it, else the fetch; never before the
+-- part was confirmed), and a split moves when a later call knows the change better. Older active
 -- cycles close. An ended subscription closes its active cycles.
 create function private.sync_cycles(
   p_sub public.subscriptions, p_plan jsonb, p_seen_at timestamptz, p_changed_at timestamptz
@@ -239,6 +287,9 @@ begin
      where c.id = v_part.id
        and (c.period_end, c.stripe_metered_price_id, c.confirmed_at is null)
            is distinct from (v_end, coalesce(v_price, c.stripe_metered_price_id), false);
+    if p_changed_at is not null then
+      v_part := private.move_split(v_part, p_changed_at);
+    end if;
   elsif v_part.confirmed_at is null then
     -- Opened by a call before the webhook said which price this period is on (a change at the
     -- boundary): its terms are this price's, its overage and alerts follow.
@@ -248,7 +299,9 @@ begin
      where c.id = v_part.id;
     perform private.refigure_cycle(v_part.id);
   else
-    v_at := greatest(coalesce(p_changed_at, p_seen_at), v_part.confirmed_at);
+    -- On whole seconds, as Stripe's times: a change in the second its old price was confirmed
+    -- counts from that second.
+    v_at := greatest(coalesce(p_changed_at, p_seen_at), date_trunc('second', v_part.confirmed_at));
     if v_at > v_part.period_start and v_at < v_part.period_end then
       v_part := private.split_cycle(v_part, v_at, v_price, v_included, v_rate, p_seen_at);
     else
@@ -397,6 +450,13 @@ declare
   v_plan_id uuid := (p_plan ->> 'plan_id')::uuid;
   v_period text := p_plan ->> 'billing_period';
   v_schedule text := p_state ->> 'schedule';
+  -- The pending change is over once the subscription is on it, or when a state fetched after it
+  -- was recorded has no schedule any more (released, here or in the Dashboard). A state fetched
+  -- before it was recorded says nothing about it.
+  v_pending_done boolean := p_before.pending_plan_id is not null and (
+    (p_before.pending_plan_id, p_before.pending_billing_period)
+      is not distinct from (v_plan_id, v_period)
+    or (v_schedule is null and p_state_at > p_before.pending_set_at));
 begin
   if p_before.id is null then
     insert into public.subscriptions as s (
@@ -447,19 +507,15 @@ begin
          stripe_created = coalesce(to_timestamp((p_state ->> 'created')::bigint),
                                    s.stripe_created),
          stripe_metered_price_id = p_plan ->> 'metered_price_id',
-         stripe_schedule_id = v_schedule,
-         pending_plan_id = case when v_schedule is null
-                                  or (s.pending_plan_id, s.pending_billing_period)
-                                     is not distinct from (v_plan_id, v_period)
-                                then null else s.pending_plan_id end,
-         pending_billing_period = case when v_schedule is null
-                                         or (s.pending_plan_id, s.pending_billing_period)
-                                            is not distinct from (v_plan_id, v_period)
-                                       then null else s.pending_billing_period end,
-         pending_effective_at = case when v_schedule is null
-                                       or (s.pending_plan_id, s.pending_billing_period)
-                                          is not distinct from (v_plan_id, v_period)
-                                     then null else s.pending_effective_at end,
+         stripe_schedule_id = case when v_pending_done or p_state_at > s.pending_set_at
+                                     or s.pending_set_at is null
+                                   then v_schedule else s.stripe_schedule_id end,
+         pending_plan_id = case when v_pending_done then null else s.pending_plan_id end,
+         pending_billing_period = case when v_pending_done then null
+                                       else s.pending_billing_period end,
+         pending_effective_at = case when v_pending_done then null
+                                     else s.pending_effective_at end,
+         pending_set_at = case when v_pending_done then null else s.pending_set_at end,
          updated_at = now()
    where s.id = p_before.id
   returning s.* into v_after;
@@ -703,6 +759,67 @@ begin
 end;
 $$;
 
+-- GET report-usage shows the cycle a call would be counted in now (the late-usage rule).
+create or replace function public.usage_summary(p_org_id uuid)
+returns jsonb
+language plpgsql stable
+set search_path = ''
+set timezone = 'UTC'
+as $$
+declare
+  v_live constant text[] := array['active', 'trialing', 'past_due', 'unpaid'];
+  v_sub public.subscriptions;
+  v_plan public.billing_plans;
+  v_cycle public.billing_cycles;
+  v_period tstzrange;
+begin
+  if not exists (select 1 from public.organisations o where o.id = p_org_id) then
+    raise exception 'No organisation has id %.', p_org_id
+      using errcode = 'MB404', hint = 'organisation_not_found';
+  end if;
+  select s.* into v_sub
+    from public.subscriptions s
+   where s.organisation_id = p_org_id
+   order by s.status = any (v_live) desc, s.created_at desc
+   limit 1;
+  select p.* into v_plan from public.billing_plans p where p.id = v_sub.plan_id;
+  -- The cycle calls are counted in now (private.current_cycle's rule): the first of the
+  -- subscription's that has not ended and whose usage is not invoiced yet.
+  select c.* into v_cycle
+    from public.billing_cycles c
+   where c.subscription_id = v_sub.id and now() < c.period_end
+     and c.stripe_invoice_id is null and not c.closed_by_change
+   order by c.period_start
+   limit 1;
+  if v_cycle.id is null and v_sub.status = any (v_live) then
+    v_period := private.metered_period(v_sub.id, now());
+    if v_period is not null then
+      v_cycle.period_start := lower(v_period);
+      v_cycle.period_end := upper(v_period);
+      v_cycle.included_minutes := (select t.included_minutes
+                                     from private.subscription_terms(v_sub) t);
+      v_cycle.minutes_used := 0;
+      v_cycle.overage_minutes := 0;
+      v_cycle.overage_cost_cents := 0;
+    end if;
+  end if;
+  return jsonb_build_object(
+    'org_id', p_org_id,
+    'plan', case when v_plan.id is not null
+      then jsonb_build_object('id', v_plan.id, 'name', v_plan.name) end,
+    'subscription_status', v_sub.status,
+    'period_start', v_cycle.period_start,
+    'period_end', v_cycle.period_end,
+    'included_minutes', v_cycle.included_minutes,
+    'minutes_used', v_cycle.minutes_used,
+    'overage_minutes', v_cycle.overage_minutes,
+    'overage_cost_cents', v_cycle.overage_cost_cents,
+    'currency', v_plan.currency,
+    'allowed', coalesce(v_sub.status in ('active', 'trialing', 'past_due'), false)
+  );
+end;
+$$;
+
 -- ------------------------------------------------------------------ change-plan
 
 -- Validate a plan change and claim it, in one transaction (DESIGN.md, POST change-plan):
@@ -877,6 +994,7 @@ begin
        set pending_plan_id = v_change.to_plan_id,
            pending_billing_period = v_change.to_billing_period,
            pending_effective_at = p_effective_at,
+           pending_set_at = now(),
            stripe_schedule_id = p_schedule_id,
            updated_at = now()
      where s.id = v_change.subscription_id
@@ -884,7 +1002,7 @@ begin
   elsif p_status = 'released' then
     update public.subscriptions s
        set pending_plan_id = null, pending_billing_period = null, pending_effective_at = null,
-           stripe_schedule_id = null, updated_at = now()
+           pending_set_at = null, stripe_schedule_id = null, updated_at = now()
      where s.id = v_change.subscription_id
     returning * into v_sub;
   end if;
@@ -907,6 +1025,8 @@ end;
 $$;
 
 revoke all on function private.refigure_cycle(uuid) from public, anon, authenticated;
+revoke all on function private.move_split(public.billing_cycles, timestamptz)
+  from public, anon, authenticated;
 revoke all on function private.split_cycle(
   public.billing_cycles, timestamptz, text, integer, integer, timestamptz)
   from public, anon, authenticated;
@@ -927,6 +1047,7 @@ revoke all on function public.begin_plan_change(uuid, uuid, uuid, text, boolean)
 revoke all on function public.finish_plan_change(uuid, text, text, timestamptz, text)
   from public, anon, authenticated;
 grant execute on function private.refigure_cycle(uuid) to service_role;
+grant execute on function private.move_split(public.billing_cycles, timestamptz) to service_role;
 grant execute on function private.split_cycle(
   public.billing_cycles, timestamptz, text, integer, integer, timestamptz) to service_role;
 grant execute on function private.sync_cycles(public.subscriptions, jsonb, timestamptz, timestamptz)

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,11 @@ def _bindable(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = free_port_block(6)
+    base = free_port_block(7)  # the functions at base + 1 .. 5, the stand-in at base + 6
     with running(
         tmp_path_factory.mktemp("local"),
         port_base=base,
-        stripe_port=base + 5,
+        stripe_port=base + 6,
         database_url=create_database(pg_server_url),
     ) as stack:
         yield stack
@@ -350,6 +351,551 @@ def _token_for(client: Client, user_id: str) -> str:
     }
     return str(
         jwt.encode(claims, local_secrets(client.stack.data)["jwt_secret"], algorithm="HS256")
+    )
+
+
+# ---------------------------------------------------------------- plan changes (POST change-plan)
+
+
+def test_upgrade_mid_period_bills_each_part_of_the_cycle_at_its_own_price(
+    client: Client, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Starter monthly, 550 minutes, upgrade to Growth now: the change's invoice bills the 550
+    at Starter's tiers, the renewal bills the minutes after the change at Growth's; our cycle is
+    split at the change and each part says what its line says."""
+    starter, growth = plan(db, "Starter"), plan(db, "Growth")
+    org, owner = new_organisation(client, db, "Upgrade Ltd")
+    sub = _subscribe(client, db, org, owner, starter)
+    stripe_sub = sub["stripe_subscription_id"]
+    assert client.report(org, "up-1", 450 * 60)["minutes_used"] == 450
+    before = client.report(org, "up-2", 100 * 60)
+    assert (before["minutes_used"], before["overage_cost_cents"]) == (550, 50 * 50)
+
+    _next_second()
+    changed = _change_plan(client, owner, plan_id=str(growth["id"]), billing_period="monthly")
+    assert (changed["plan_id"], changed["billing_period"], changed["effective"]) == (
+        str(growth["id"]),
+        "monthly",
+        "now",
+    )
+    assert changed["subscription_id"] == stripe_sub
+    _settled(client)
+    row = subscription(db, org)
+    assert (row["plan_id"], row["billing_period"], row["status"]) == (
+        growth["id"],
+        "monthly",
+        "active",
+    )
+    assert row["stripe_metered_price_id"] == growth["stripe_metered_price_id"]
+    assert _plan_change_statuses(db, org) == ["applied"]
+    items = _stripe_items(client, stripe_sub)
+    assert sorted(items.values()) == sorted(
+        [growth["stripe_price_id"], growth["stripe_metered_price_id"]]
+    )
+
+    # The change's invoice: Starter's metered usage so far, and the flat fee prorated.
+    change_invoice = _latest_invoice(client, stripe_sub)
+    assert change_invoice["billing_reason"] == "subscription_update"
+    old, new = cycles(db, org)
+    assert (old["status"], old["closed_by_change"], old["stripe_invoice_id"]) == (
+        "closed",
+        True,
+        change_invoice["id"],
+    )
+    assert (new["status"], new["minutes_used"], new["stripe_invoice_id"]) == ("active", 0, None)
+    assert old["period_end"] == new["period_start"]
+    _assert_terms(client, old, starter)
+    _assert_terms(client, new, growth)
+    [usage] = _usage_lines(client, change_invoice)
+    assert usage["pricing"]["price_details"]["price"] == starter["stripe_metered_price_id"]
+    assert (usage["quantity"], usage["amount"]) == (old["minutes_used"], old["overage_cost_cents"])
+    assert (old["minutes_used"], old["overage_minutes"], old["overage_cost_cents"]) == (
+        550,
+        50,
+        2500,
+    )
+    credit, debit = _proration_lines(client, change_invoice)
+    assert credit["pricing"]["price_details"]["price"] == starter["stripe_price_id"]
+    assert debit["pricing"]["price_details"]["price"] == growth["stripe_price_id"]
+    at, end = debit["period"]["start"], debit["period"]["end"]
+    length = end - int(sub["current_period_start"].timestamp())
+    assert credit["amount"] == -(starter["monthly_price_cents"] * (end - at)) // length
+    assert debit["amount"] == growth["monthly_price_cents"] * (end - at) // length
+    assert change_invoice["status"] == "paid"
+    assert change_invoice["amount_paid"] == usage["amount"] + credit["amount"] + debit["amount"]
+
+    # The agent sees Growth's terms at once; more calls count in the new part.
+    cycle = client.call(
+        "report-usage", "GET", expect=200, headers=client.service, params={"org_id": org}
+    )
+    assert (cycle["plan"]["name"], cycle["included_minutes"], cycle["minutes_used"]) == (
+        "Growth",
+        1000,
+        0,
+    )
+    after = client.report(org, "up-3", 1100 * 60)
+    assert (after["minutes_used"], after["included_minutes"], after["overage_cost_cents"]) == (
+        1100,
+        1000,
+        100 * 50,
+    )
+
+    # Renewal: Growth's metered line is the new part, exactly; Starter's is not billed again.
+    renewal = client.standin(f"subscriptions/{stripe_sub}/advance")
+    invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+    [usage] = _usage_lines(client, invoice)
+    assert usage["pricing"]["price_details"]["price"] == growth["stripe_metered_price_id"]
+    old, new, current = cycles(db, org)
+    assert (new["status"], new["stripe_invoice_id"]) == ("closed", invoice["id"])
+    assert (usage["quantity"], usage["amount"]) == (new["minutes_used"], new["overage_cost_cents"])
+    assert (new["minutes_used"], new["overage_minutes"], new["overage_cost_cents"]) == (
+        1100,
+        100,
+        5000,
+    )
+    assert old["stripe_invoice_id"] == change_invoice["id"]  # unchanged
+    assert invoice["amount_paid"] == growth["monthly_price_cents"] + usage["amount"]
+    assert (current["status"], current["minutes_used"], current["period_start"]) == (
+        "active",
+        0,
+        new["period_end"],
+    )
+    _assert_terms(client, current, growth)
+    _webhooks_all_answered(client, db)
+
+
+def test_downgrade_waits_for_the_period_end_and_the_renewal_applies_it(
+    client: Client, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Growth monthly, downgrade to Starter: pending until the period ends (Growth's terms meanwhile);
+    the renewal bills the period at Growth's price and the next one is Starter's."""
+    starter, growth = plan(db, "Starter"), plan(db, "Growth")
+    org, owner = new_organisation(client, db, "Downgrade Ltd")
+    sub = _subscribe(client, db, org, owner, growth)
+    stripe_sub = sub["stripe_subscription_id"]
+    assert client.report(org, "down-1", 300 * 60)["minutes_used"] == 300
+
+    changed = _change_plan(client, owner, plan_id=str(starter["id"]), billing_period="monthly")
+    assert (changed["plan_id"], changed["billing_period"], changed["effective"]) == (
+        str(starter["id"]),
+        "monthly",
+        "period_end",
+    )
+    assert _when(changed["effective_at"]) == sub["current_period_end"]
+    _settled(client)
+    row = subscription(db, org)
+    assert (row["plan_id"], row["pending_plan_id"], row["pending_billing_period"]) == (
+        growth["id"],
+        starter["id"],
+        "monthly",
+    )
+    assert row["pending_effective_at"] == sub["current_period_end"]
+    assert row["stripe_schedule_id"] is not None
+    assert _plan_change_statuses(db, org) == ["scheduled"]
+    state = client.stripe_state()
+    assert state["subscriptions"][stripe_sub]["schedule"] == row["stripe_schedule_id"]
+    assert sorted(_stripe_items(client, stripe_sub).values()) == sorted(
+        [growth["stripe_price_id"], growth["stripe_metered_price_id"]]
+    )
+    # Until the period ends: Growth's terms, one cycle.
+    cycle = client.call(
+        "report-usage", "GET", expect=200, headers=client.service, params={"org_id": org}
+    )
+    assert (cycle["plan"]["name"], cycle["included_minutes"]) == ("Growth", 1000)
+    more = client.report(org, "down-2", 800 * 60)
+    assert (more["minutes_used"], more["included_minutes"], more["overage_cost_cents"]) == (
+        1100,
+        1000,
+        100 * 50,
+    )
+    [only] = cycles(db, org)
+    _assert_terms(client, only, growth)
+
+    # The renewal: the ended period at Growth's metered price, Starter's flat fee for the next.
+    renewal = client.standin(f"subscriptions/{stripe_sub}/advance")
+    invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+    [usage] = _usage_lines(client, invoice)
+    assert usage["pricing"]["price_details"]["price"] == growth["stripe_metered_price_id"]
+    [fee] = _fee_lines(client, invoice)
+    assert (fee["pricing"]["price_details"]["price"], fee["amount"]) == (
+        starter["stripe_price_id"],
+        starter["monthly_price_cents"],
+    )
+    closed, current = cycles(db, org)
+    assert (closed["status"], closed["stripe_invoice_id"]) == ("closed", invoice["id"])
+    assert (usage["quantity"], usage["amount"]) == (
+        closed["minutes_used"],
+        closed["overage_cost_cents"],
+    )
+    row = subscription(db, org)
+    assert (row["plan_id"], row["billing_period"], row["status"]) == (
+        starter["id"],
+        "monthly",
+        "active",
+    )
+    assert (row["pending_plan_id"], row["pending_billing_period"], row["pending_effective_at"]) == (
+        None,
+        None,
+        None,
+    )
+    assert row["stripe_metered_price_id"] == starter["stripe_metered_price_id"]
+    assert (current["status"], current["minutes_used"], current["period_start"]) == (
+        "active",
+        0,
+        closed["period_end"],
+    )
+    _assert_terms(client, current, starter)
+
+    # Usage after the boundary counts in Starter's cycle (the stand-in's clock is a period ahead
+    # of the wall clock, so it is counted late, in the current cycle), and the next renewal's
+    # metered line is that cycle's figures.
+    late = client.report(org, "down-3", 600 * 60)
+    assert (late["minutes_used"], late["included_minutes"], late["overage_cost_cents"]) == (
+        600,
+        500,
+        100 * 50,
+    )
+    renewal = client.standin(f"subscriptions/{stripe_sub}/advance")
+    invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+    [usage] = _usage_lines(client, invoice)
+    assert usage["pricing"]["price_details"]["price"] == starter["stripe_metered_price_id"]
+    _, closed, _ = cycles(db, org)
+    assert (closed["status"], closed["stripe_invoice_id"]) == ("closed", invoice["id"])
+    assert (usage["quantity"], usage["amount"]) == (
+        closed["minutes_used"],
+        closed["overage_cost_cents"],
+    )
+    assert (closed["minutes_used"], closed["overage_cost_cents"]) == (600, 5000)
+    assert subscription(db, org)["stripe_schedule_id"] is None  # its last phase began: released
+    _webhooks_all_answered(client, db)
+
+
+def test_monthly_to_yearly_charges_the_year_and_keeps_the_monthly_metered_item(
+    client: Client, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Starter monthly to Growth yearly: the year's flat fee charged now less the unused month,
+    the metered item stays monthly on Growth's metered price; the cycle is split at the change."""
+    starter, growth = plan(db, "Starter"), plan(db, "Growth")
+    org, owner = new_organisation(client, db, "Yearly Upgrade Ltd")
+    sub = _subscribe(client, db, org, owner, starter)
+    stripe_sub = sub["stripe_subscription_id"]
+    metered_end = _stripe_item_periods(client, stripe_sub)[starter["stripe_metered_price_id"]][1]
+    assert client.report(org, "year-1", 520 * 60)["overage_cost_cents"] == 20 * 50
+
+    _next_second()
+    changed = _change_plan(client, owner, plan_id=str(growth["id"]), billing_period="yearly")
+    assert (changed["plan_id"], changed["billing_period"], changed["effective"]) == (
+        str(growth["id"]),
+        "yearly",
+        "now",
+    )
+    _settled(client)
+    periods = _stripe_item_periods(client, stripe_sub)
+    assert sorted(periods) == sorted(
+        [growth["stripe_yearly_price_id"], growth["stripe_metered_price_id"]]
+    )
+    year_start, year_end = periods[growth["stripe_yearly_price_id"]]
+    assert (year_end - year_start) // 86400 in (365, 366)
+    assert periods[growth["stripe_metered_price_id"]][1] == metered_end  # still monthly
+    row = subscription(db, org)
+    assert (row["plan_id"], row["billing_period"], row["status"]) == (
+        growth["id"],
+        "yearly",
+        "active",
+    )
+    assert int(row["current_period_end"].timestamp()) == year_end
+
+    change_invoice = _latest_invoice(client, stripe_sub)
+    [fee] = _fee_lines(client, change_invoice)
+    assert (fee["pricing"]["price_details"]["price"], fee["amount"]) == (
+        growth["stripe_yearly_price_id"],
+        growth["yearly_price_cents"],
+    )
+    assert (fee["period"]["start"], fee["period"]["end"]) == (year_start, year_end)
+    [credit] = _proration_lines(client, change_invoice)
+    assert credit["pricing"]["price_details"]["price"] == starter["stripe_price_id"]
+    at, end = credit["period"]["start"], credit["period"]["end"]
+    length = end - int(sub["current_period_start"].timestamp())
+    assert credit["amount"] == -(starter["monthly_price_cents"] * (end - at)) // length < 0
+    old, new = cycles(db, org)
+    [usage] = _usage_lines(client, change_invoice)
+    assert usage["pricing"]["price_details"]["price"] == starter["stripe_metered_price_id"]
+    assert (usage["quantity"], usage["amount"]) == (old["minutes_used"], old["overage_cost_cents"])
+    assert (old["minutes_used"], old["overage_cost_cents"]) == (520, 1000)
+    assert (old["status"], old["closed_by_change"], old["stripe_invoice_id"]) == (
+        "closed",
+        True,
+        change_invoice["id"],
+    )
+    assert change_invoice["status"] == "paid"
+    assert change_invoice["amount_paid"] == fee["amount"] + credit["amount"] + usage["amount"]
+    _assert_terms(client, old, starter)
+    _assert_terms(client, new, growth)
+    assert int(new["period_end"].timestamp()) == metered_end  # the cycle stays monthly
+
+    after = client.report(org, "year-2", 1050 * 60)
+    assert (after["minutes_used"], after["included_minutes"], after["overage_cost_cents"]) == (
+        1050,
+        1000,
+        50 * 50,
+    )
+    renewal = client.standin(f"subscriptions/{stripe_sub}/advance")
+    invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+    [usage] = _usage_lines(client, invoice)
+    assert usage["pricing"]["price_details"]["price"] == growth["stripe_metered_price_id"]
+    assert _fee_lines(client, invoice) == []  # the year is paid
+    old, new, current = cycles(db, org)
+    assert (new["status"], new["stripe_invoice_id"]) == ("closed", invoice["id"])
+    assert (usage["quantity"], usage["amount"]) == (new["minutes_used"], new["overage_cost_cents"])
+    assert invoice["amount_paid"] == usage["amount"] == 2500
+    assert (current["status"], current["period_start"]) == ("active", new["period_end"])
+    _assert_terms(client, current, growth)
+    row = subscription(db, org)
+    assert (row["billing_period"], int(row["current_period_end"].timestamp())) == (
+        "yearly",
+        year_end,
+    )
+    _webhooks_all_answered(client, db)
+
+
+def test_declined_upgrade_changes_nothing_and_a_retry_succeeds(
+    client: Client, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """The card is declined on the upgrade's invoice: 402, the subscription stays on Starter at
+    Stripe and here; once the card is fine, the same request upgrades."""
+    starter, growth = plan(db, "Starter"), plan(db, "Growth")
+    org, owner = new_organisation(client, db, "Declined Ltd")
+    sub = _subscribe(client, db, org, owner, starter)
+    stripe_sub = sub["stripe_subscription_id"]
+    assert client.report(org, "dec-1", 100 * 60)["minutes_used"] == 100
+    _settled(client)
+    items_before = _stripe_items(client, stripe_sub)
+    rows_before = (_subscription_facts(db, org), cycles(db, org))
+
+    client.standin(f"customers/{sub['stripe_customer_id']}/decline_next_payment")
+    _next_second()
+    order = {"plan_id": str(growth["id"]), "billing_period": "monthly"}
+    declined = _change_plan(client, owner, expect=402, **order)
+    assert declined["error"]["code"] == "payment_failed"
+    _settled(client)
+    assert _stripe_items(client, stripe_sub) == items_before
+    assert (_subscription_facts(db, org), cycles(db, org)) == rows_before
+    assert _plan_change_statuses(db, org) == ["payment_failed"]
+    cycle = client.call(
+        "report-usage", "GET", expect=200, headers=client.service, params={"org_id": org}
+    )
+    assert (cycle["plan"]["name"], cycle["included_minutes"], cycle["minutes_used"]) == (
+        "Starter",
+        500,
+        100,
+    )
+
+    # The card is fine now: the retry upgrades, and the 100 minutes are billed once, at Starter's.
+    retried = _change_plan(client, owner, **order)
+    assert (retried["plan_id"], retried["effective"]) == (str(growth["id"]), "now")
+    _settled(client)
+    assert sorted(_stripe_items(client, stripe_sub).values()) == sorted(
+        [growth["stripe_price_id"], growth["stripe_metered_price_id"]]
+    )
+    assert subscription(db, org)["plan_id"] == growth["id"]
+    assert _plan_change_statuses(db, org) == ["payment_failed", "applied"]
+    change_invoice = _latest_invoice(client, stripe_sub)
+    assert change_invoice["status"] == "paid"
+    credit, debit = _proration_lines(client, change_invoice)
+    assert [line["pricing"]["price_details"]["price"] for line in (credit, debit)] == [
+        starter["stripe_price_id"],  # what was paid (the declined invoice was never paid)
+        growth["stripe_price_id"],
+    ]
+    assert change_invoice["amount_paid"] > 0
+    old, new = cycles(db, org)
+    assert (old["stripe_invoice_id"], old["closed_by_change"]) == (change_invoice["id"], True)
+    [usage] = _usage_lines(client, change_invoice)
+    assert usage["pricing"]["price_details"]["price"] == starter["stripe_metered_price_id"]
+    assert (usage["quantity"], usage["amount"]) == (old["minutes_used"], old["overage_cost_cents"])
+    assert old["minutes_used"] == 100
+    renewal = client.standin(f"subscriptions/{stripe_sub}/advance")
+    invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+    [usage] = _usage_lines(client, invoice)
+    assert usage["pricing"]["price_details"]["price"] == growth["stripe_metered_price_id"]
+    old, new, _ = cycles(db, org)
+    assert (new["stripe_invoice_id"], usage["quantity"]) == (invoice["id"], new["minutes_used"])
+    assert new["minutes_used"] == 0
+    _webhooks_all_answered(client, db)
+
+
+def test_cancel_pending_releases_the_downgrade_and_the_renewal_keeps_the_plan(
+    client: Client, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    starter, growth = plan(db, "Starter"), plan(db, "Growth")
+    org, owner = new_organisation(client, db, "Changed Mind Ltd")
+    sub = _subscribe(client, db, org, owner, growth)
+    stripe_sub = sub["stripe_subscription_id"]
+    scheduled = _change_plan(client, owner, plan_id=str(starter["id"]), billing_period="monthly")
+    assert scheduled["effective"] == "period_end"
+    _settled(client)
+    schedule = subscription(db, org)["stripe_schedule_id"]
+    assert schedule is not None
+
+    kept = _change_plan(client, owner, cancel_pending=True)
+    assert (kept["plan_id"], kept["billing_period"], kept["effective"]) == (
+        str(growth["id"]),
+        "monthly",
+        "now",
+    )
+    _settled(client)
+    row = subscription(db, org)
+    assert (row["plan_id"], row["pending_plan_id"], row["pending_effective_at"]) == (
+        growth["id"],
+        None,
+        None,
+    )
+    assert row["stripe_schedule_id"] is None
+    assert _plan_change_statuses(db, org) == ["scheduled", "released"]
+    state = client.stripe_state()
+    assert state["subscription_schedules"][schedule]["status"] == "released"
+    assert state["subscriptions"][stripe_sub]["schedule"] is None
+    nothing = _change_plan(client, owner, expect=409, cancel_pending=True)
+    assert nothing["error"]["code"] == "nothing_pending"
+
+    assert client.report(org, "kept-1", 40 * 60)["included_minutes"] == 1000
+    renewal = client.standin(f"subscriptions/{stripe_sub}/advance")
+    invoice = client.stripe_state()["invoices"][renewal["invoice"]]
+    [fee] = _fee_lines(client, invoice)
+    assert (fee["pricing"]["price_details"]["price"], fee["amount"]) == (
+        growth["stripe_price_id"],
+        growth["monthly_price_cents"],
+    )
+    [usage] = _usage_lines(client, invoice)
+    closed, current = cycles(db, org)
+    assert usage["pricing"]["price_details"]["price"] == growth["stripe_metered_price_id"]
+    assert (closed["stripe_invoice_id"], closed["minutes_used"]) == (invoice["id"], 40)
+    assert (usage["quantity"], usage["amount"]) == (40, closed["overage_cost_cents"])
+    row = subscription(db, org)
+    assert (row["plan_id"], row["stripe_metered_price_id"]) == (
+        growth["id"],
+        growth["stripe_metered_price_id"],
+    )
+    _assert_terms(client, current, growth)
+    _webhooks_all_answered(client, db)
+
+
+def _change_plan(client: Client, owner: dict[str, str], expect: int = 200, **body: Any) -> Any:
+    return client.call("change-plan", "POST", expect=expect, headers=owner, json=body)
+
+
+def _next_second() -> None:
+    """Sleep into the next whole second. Stripe (and our cycle split) counts a change in whole
+    seconds while the stand-in bills every unbilled meter event whatever its timestamp: calls
+    reported in the same second as a change would be billed before it but counted after it."""
+    time.sleep(1 - time.time() % 1 + 0.01)
+
+
+def _settled(client: Client) -> None:
+    """Every event the stand-in sent so far was answered (those after a /v1/ call come later)."""
+    eventually(lambda: _all_events_delivered(client))
+
+
+def _webhooks_all_answered(client: Client, db: psycopg.Connection[dict[str, Any]]) -> None:
+    _settled(client)
+    failed = db.execute(
+        "select id, type, error from stripe_events where status = 'failed'"
+    ).fetchall()
+    assert failed == []
+
+
+def _when(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def _plan_change_statuses(db: psycopg.Connection[dict[str, Any]], org: str) -> list[str]:
+    rows = db.execute(
+        "select status from plan_changes where organisation_id = %s order by created_at", (org,)
+    ).fetchall()
+    return [row["status"] for row in rows]
+
+
+def _subscription_facts(db: psycopg.Connection[dict[str, Any]], org: str) -> dict[str, Any]:
+    row = subscription(db, org)
+    return {
+        k: row[k]
+        for k in (
+            "plan_id",
+            "billing_period",
+            "status",
+            "current_period_start",
+            "current_period_end",
+            "stripe_metered_price_id",
+            "pending_plan_id",
+            "stripe_schedule_id",
+        )
+    }
+
+
+def _stripe_items(client: Client, stripe_sub: str) -> dict[str, str]:
+    """The subscription's items at the stand-in: item id -> price id."""
+    sub = client.stripe_state()["subscriptions"][stripe_sub]
+    return {item["id"]: item["price"]["id"] for item in sub["items"]["data"]}
+
+
+def _stripe_item_periods(client: Client, stripe_sub: str) -> dict[str, tuple[int, int]]:
+    """price id -> (current_period_start, current_period_end) of its item at the stand-in."""
+    sub = client.stripe_state()["subscriptions"][stripe_sub]
+    return {
+        item["price"]["id"]: (item["current_period_start"], item["current_period_end"])
+        for item in sub["items"]["data"]
+    }
+
+
+def _latest_invoice(client: Client, stripe_sub: str) -> dict[str, Any]:
+    state = client.stripe_state()
+    invoice: dict[str, Any] = state["invoices"][
+        state["subscriptions"][stripe_sub]["latest_invoice"]
+    ]
+    return invoice
+
+
+def _usage_lines(client: Client, invoice: dict[str, Any]) -> list[dict[str, Any]]:
+    """Lines billing a metered price's usage (an invoice item at a change, or the item's line)."""
+    return _lines(client, invoice, proration=False, usage_type="metered")
+
+
+def _fee_lines(client: Client, invoice: dict[str, Any]) -> list[dict[str, Any]]:
+    """A flat price's own lines (not prorations)."""
+    return _lines(client, invoice, proration=False, usage_type="licensed")
+
+
+def _proration_lines(client: Client, invoice: dict[str, Any]) -> list[dict[str, Any]]:
+    """The prorations, credits (negative) first."""
+    lines = _lines(client, invoice, proration=True, usage_type="licensed")
+    return sorted(lines, key=lambda line: line["amount"])
+
+
+def _lines(
+    client: Client, invoice: dict[str, Any], *, proration: bool, usage_type: str
+) -> list[dict[str, Any]]:
+    prices = client.stripe_state()["prices"]
+    found = []
+    for line in invoice["lines"]["data"]:
+        details = line["parent"][line["parent"]["type"]]
+        recurring = prices[line["pricing"]["price_details"]["price"]]["recurring"] or {}
+        if details["proration"] is proration and recurring.get("usage_type") == usage_type:
+            found.append(line)
+    return found
+
+
+def _assert_terms(client: Client, cycle: dict[str, Any], terms: dict[str, Any]) -> None:
+    """The cycle carries `terms`' metered price, and its figures are that price's tiers."""
+    price = client.stripe_state()["prices"][cycle["stripe_metered_price_id"]]
+    assert cycle["stripe_metered_price_id"] == terms["stripe_metered_price_id"]
+    assert _tiers(price) == [(cycle["included_minutes"], 0), (None, cycle["overage_rate_cents"])]
+    assert (cycle["included_minutes"], cycle["overage_rate_cents"]) == (
+        terms["included_minutes"],
+        terms["overage_rate_cents"],
+    )
+    over = max(cycle["minutes_used"] - cycle["included_minutes"], 0)
+    assert (cycle["overage_minutes"], cycle["overage_cost_cents"]) == (
+        over,
+        over * cycle["overage_rate_cents"],
     )
 
 

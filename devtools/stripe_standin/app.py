@@ -1,7 +1,8 @@
 """The stand-in's WSGI app: routing, dispatch, authentication, idempotency; how to run it.
 
 Each resource module declares its routes (`ROUTES`, with each endpoint's allowed parameters);
-this module joins them into one map and serves them.
+this module joins them into one map and serves them: v1 routes in Stripe's form-encoded wire
+format, v2 routes (`/v2/...`) with JSON bodies and v2's error shape, control routes in JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,12 @@ from . import (
     catalog,
     checkout,
     customers,
+    event_destinations,
     invoices,
+    meter_errors,
     meter_events,
+    meter_stream,
+    meter_summaries,
     plan_changes,
     portal,
     renewals,
@@ -42,9 +48,11 @@ from .state import (
     Json,
     State,
     StripeError,
+    as_int,
     check_known,
     control,
     decode_form,
+    json_keys,
     new_id,
 )
 
@@ -53,6 +61,17 @@ log = logging.getLogger("stripe_standin")
 
 def dump_state(call: Call) -> Json:
     return call.state.dump()
+
+
+def advance_clock(call: Call) -> Json:
+    """`{"seconds": n}`: the stand-in's clock for meter events moves n seconds ahead (State.now):
+    events received before are n seconds older (24 hours to cancel one), sessions nearer their
+    expiry, and new events' default timestamp and allowed window move along."""
+    seconds = as_int(call.params, "seconds", required=True) or 0
+    if seconds < 0:
+        raise StripeError(400, "The clock only moves forward: seconds must be positive.")
+    call.state.clock["offset"] += seconds
+    return {"offset": call.state.clock["offset"], "now": call.state.now()}
 
 
 ROUTES = Map(
@@ -65,10 +84,15 @@ ROUTES = Map(
         *schedules.ROUTES,
         *invoices.ROUTES,
         *meter_events.ROUTES,
+        *meter_errors.ROUTES,
+        *meter_stream.ROUTES,
+        *meter_summaries.ROUTES,
         *portal.ROUTES,
         *webhooks.ROUTES,
+        *event_destinations.ROUTES,
         *renewals.ROUTES,
         control("GET", "/_standin/state", dump_state),
+        control("POST", "/_standin/clock/advance", advance_clock),
     ]
 )
 
@@ -100,16 +124,21 @@ def expand(st: State, obj: Json, paths: Any) -> Json:
 class StripeStandin:
     """The WSGI app; `state` is public for helpers such as `seed_prices`."""
 
-    def __init__(self, webhook_url: str | None, webhook_secret: str) -> None:
+    def __init__(
+        self, webhook_url: str | None, webhook_secret: str, *, async_meter_validation: bool = True
+    ) -> None:
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
-        self.state = State(has_webhook=bool(webhook_url))
+        self.state = State(
+            has_webhook=bool(webhook_url), async_meter_validation=async_meter_validation
+        )
 
     def __call__(self, environ: Any, start_response: Any) -> Any:
         request = Request(environ)
         try:
             response = self.dispatch(request)
         except StripeError as error:
-            response = json_response(error.body(), error.status)
+            v2 = request.path.startswith("/v2/")
+            response = json_response(error.v2_body() if v2 else error.body(), error.status)
         except Exception:  # a bug here: answer like Stripe's own 500s, and keep the traceback
             log.exception("stand-in failed on %s %s", request.method, request.path)
             failure = StripeError(500, "The stand-in failed; see its log.", type="api_error")
@@ -125,6 +154,8 @@ class StripeStandin:
         call = Call(self.state, {}, request.host_url.rstrip("/"))
         if endpoint.kind == "api":
             return self.serve_api(request, endpoint, args, call)
+        if endpoint.kind in ("v2", "v2_session"):
+            return self.serve_v2(request, endpoint, args, call)
         if endpoint.kind == "page":
             return Response(endpoint.handler(call, **args), mimetype="text/html")
         try:
@@ -135,8 +166,8 @@ class StripeStandin:
             raise StripeError(400, "The body must be a JSON object.")
         with self.state.lock:
             answer = endpoint.handler(call, **args)
-        if call.events:
-            answer["deliveries"] = self.deliver(call.events)
+        if call.events or call.thin:
+            answer["deliveries"] = self.deliver(call.events, call.thin)
         return json_response(answer, 200)
 
     def serve_api(
@@ -164,12 +195,71 @@ class StripeStandin:
                 entry = {"fingerprint": fingerprint, "body": body, "headers": headers}
                 self.state.idempotency[key] = entry
         response = Response(body, 200, headers, mimetype="application/json")
-        if events := call.events:
-            response.call_on_close(lambda: self.deliver(events))  # once the caller has its answer
+        self.deliver_after(response, call)
         return response
 
-    def deliver(self, events: list[Json]) -> list[Json]:
-        return webhooks.deliver(self.state, self.webhook_url, self.webhook_secret, events)
+    def serve_v2(
+        self, request: Request, endpoint: Endpoint, args: Mapping[str, Any], call: Call
+    ) -> Response:
+        """API v2: a JSON body (POST) or a query string (GET), a secret key or, for the meter
+        event stream, a session's token; idempotency as in v1."""
+        if endpoint.kind == "v2_session":
+            call.token = bearer(request)
+            with self.state.lock:
+                meter_stream.check_session(self.state, call.token)
+        else:
+            authenticate(request)
+        raw = request.get_data(as_text=True) if request.method == "POST" else ""
+        query = request.query_string.decode()
+        if raw:
+            try:
+                call.params = json.loads(raw)
+            except json.JSONDecodeError:
+                raise StripeError(400, "The request body is not valid JSON.") from None
+            if not isinstance(call.params, dict):
+                raise StripeError(400, "The request body must be a JSON object.")
+            keys = json_keys(call.params)
+        else:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            call.params, keys = decode_form(pairs), [k for k, _ in pairs]
+        call.request_id = new_id("req")
+        call.idempotency_key = request.headers.get("Idempotency-Key") if raw else None
+        headers = {
+            "Request-Id": call.request_id,
+            "Stripe-Version": request.headers.get("Stripe-Version", API_VERSION),
+        }
+        fingerprint = json.dumps([request.method, request.path, raw or query])
+        with self.state.lock:
+            key = call.idempotency_key
+            if key and key in self.state.idempotency:
+                return replay(self.state.idempotency[key], fingerprint, key)
+            check_known(keys, endpoint.allowed)
+            body = json.dumps(endpoint.handler(call, **args))
+            if key:
+                entry = {"fingerprint": fingerprint, "body": body, "headers": headers}
+                self.state.idempotency[key] = entry
+        response = Response(body, 200, headers, mimetype="application/json")
+        self.deliver_after(response, call)
+        return response
+
+    def deliver_after(self, response: Response, call: Call) -> None:
+        """Deliver what a call emitted once the caller has its answer."""
+        events, thin = call.events, call.thin
+        if events or thin:
+            response.call_on_close(lambda: self.deliver(events, thin))
+
+    def deliver(self, events: list[Json], thin: list[Json] | None = None) -> list[Json]:
+        """v1 events to the webhook URL, then thin events to their event destinations."""
+        results = webhooks.deliver(self.state, self.webhook_url, self.webhook_secret, events)
+        return results + event_destinations.deliver_thin(self.state, thin or [])
+
+    def report_meter_errors(self) -> Json:
+        """Deliver the pending meter error reports now (what the control route does)."""
+        call = Call(self.state, {})
+        with self.state.lock:
+            answer = meter_errors.deliver_error_reports(call)
+        answer["deliveries"] = self.deliver(call.events, call.thin)
+        return answer
 
 
 def authenticate(request: Request) -> None:
@@ -186,6 +276,18 @@ def authenticate(request: Request) -> None:
         raise StripeError(401, f"Invalid API Key provided: {key[:8]}{'*' * 8}")
 
 
+def bearer(request: Request) -> str:
+    """The meter event stream's credential: a session's token as Bearer."""
+    auth = request.authorization
+    if not auth or auth.type != "bearer" or not auth.token:
+        message = (
+            "You did not provide a meter event session token. Create a session with "
+            "POST /v2/billing/meter_event_session and send its authentication_token as Bearer."
+        )
+        raise StripeError(401, message)
+    return str(auth.token)
+
+
 def replay(stored: Json, fingerprint: str, key: str) -> Response:
     if stored["fingerprint"] != fingerprint:
         message = (
@@ -193,8 +295,7 @@ def replay(stored: Json, fingerprint: str, key: str) -> Response:
             f"first used with. Try using a key other than '{key}' if you meant to execute a "
             "different request."
         )
-        error = StripeError(400, message, code="idempotency_error", type="idempotency_error")
-        return json_response(error.body(), 400)
+        raise StripeError(400, message, code="idempotency_error", type="idempotency_error")
     headers = {**stored["headers"], "Idempotent-Replayed": "true"}
     return Response(stored["body"], 200, headers, mimetype="application/json")
 
@@ -207,10 +308,19 @@ def json_response(body: Json, status: int, headers: Json | None = None) -> Respo
 
 
 def create_app(
-    webhook_url: str | None, webhook_secret: str, *, meter_event_names: Iterable[str] = ()
+    webhook_url: str | None,
+    webhook_secret: str,
+    *,
+    meter_event_names: Iterable[str] = (),
+    async_meter_validation: bool = True,
 ) -> StripeStandin:
-    """The stand-in WSGI app, with a `sum` meter already registered for each event name."""
-    app = StripeStandin(webhook_url, webhook_secret)
+    """The stand-in WSGI app, with a `sum` meter already registered for each event name.
+
+    `async_meter_validation` (default): a v1 meter event with no meter, an archived one, an
+    unknown customer or a bad value is accepted and reported later, as Stripe does
+    (meter_events.py); False refuses it with a 400 at once (for tests of the request itself).
+    """
+    app = StripeStandin(webhook_url, webhook_secret, async_meter_validation=async_meter_validation)
     with app.state.lock:
         for name in meter_event_names:
             ensure_meter(app.state, name)
@@ -284,15 +394,47 @@ def main(argv: list[str] | None = None) -> None:
         "--meter-event-name", action="append", default=[], help="pre-register a meter (repeatable)"
     )
     parser.add_argument("--seed-prices", type=Path, help="JSON list of price specs (seed_prices)")
+    parser.add_argument(
+        "--sync-meter-validation",
+        action="store_true",
+        help="refuse invalid meter events at once (Stripe accepts them and reports them later)",
+    )
+    parser.add_argument(
+        "--meter-error-report-interval",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="deliver pending meter error reports this often (default: only on "
+        "POST /_standin/meter_error_reports/deliver)",
+    )
     args = parser.parse_args(argv)
     if args.webhook_url and not args.webhook_secret:
         parser.error("--webhook-url needs --webhook-secret")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = create_app(
-        args.webhook_url, args.webhook_secret or "", meter_event_names=args.meter_event_name
+        args.webhook_url,
+        args.webhook_secret or "",
+        meter_event_names=args.meter_event_name,
+        async_meter_validation=not args.sync_meter_validation,
     )
     if args.seed_prices:
         for price in seed_prices(app, json.loads(args.seed_prices.read_text())):
             log.info("seeded price %s (%s)", price["id"], price["lookup_key"] or price["nickname"])
+    if args.meter_error_report_interval > 0:
+        interval = args.meter_error_report_interval
+        reporter = threading.Thread(
+            target=report_every, args=(app, interval), name="meter-error-reports", daemon=True
+        )
+        reporter.start()
     log.info("Stripe stand-in (never for production) on http://127.0.0.1:%d", args.port)
     run_simple("127.0.0.1", args.port, app, threaded=True)
+
+
+def report_every(app: StripeStandin, interval: float) -> None:
+    """Deliver pending meter error reports every `interval` seconds, as Stripe would."""
+    while True:
+        time.sleep(interval)
+        try:
+            app.report_meter_errors()
+        except Exception:  # keep reporting; the next round may succeed
+            log.exception("delivering meter error reports failed")

@@ -1,4 +1,5 @@
-"""The catalog: billing meters, products and prices (per unit or tiered, lookup keys)."""
+"""The catalog: billing meters (create, retrieve, list, deactivate, reactivate), products and prices
+(per unit or tiered, lookup keys)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,30 @@ def list_meters(call: Call) -> Json:
     if status := call.params.get("status"):
         meters = [m for m in meters if m["status"] == status]
     return list_object("/v1/billing/meters", meters, as_int(call.params, "limit"))
+
+
+def get_meter(call: Call, object_id: str) -> Json:
+    return call.state.get("billing.meter", object_id, status=404)
+
+
+def deactivate_meter(call: Call, object_id: str) -> Json:
+    """Archive a meter: its events are no longer accepted (reported as `archived_meter`)."""
+    meter = call.state.get("billing.meter", object_id, status=404)
+    if meter["status"] == "inactive":
+        raise StripeError(400, "This meter is already inactive.", param="id")
+    now = call.state.now()
+    meter.update(status="inactive", updated=now)
+    meter["status_transitions"] = {"deactivated_at": now}
+    return meter
+
+
+def reactivate_meter(call: Call, object_id: str) -> Json:
+    meter = call.state.get("billing.meter", object_id, status=404)
+    if meter["status"] == "active":
+        raise StripeError(400, "This meter is already active.", param="id")
+    meter.update(status="active", updated=call.state.now())
+    meter["status_transitions"] = {"deactivated_at": None}
+    return meter
 
 
 def find_meter(st: State, event_name: str) -> Json | None:
@@ -278,6 +303,9 @@ def line_price(st: State, line: Any, prefix: str) -> Json:
 
 ROUTES = [
     api("GET", "/v1/billing/meters", list_meters, "status limit"),
+    api("GET", "/v1/billing/meters" + ID, get_meter),
+    api("POST", "/v1/billing/meters" + ID + "/deactivate", deactivate_meter),
+    api("POST", "/v1/billing/meters" + ID + "/reactivate", reactivate_meter),
     api(
         "POST",
         "/v1/billing/meters",

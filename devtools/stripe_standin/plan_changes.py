@@ -95,6 +95,12 @@ def update_subscription(call: Call, object_id: str) -> Json:
         )
         raise StripeError(400, message, param="cancel_at_period_end")
     now = sim_now(sub)
+    if stored["pending_update"] and ("items" in p or "cancel_at_period_end" in p):
+        # A newer change replaces it. Voided first, so this change is figured from what was
+        # really paid and billed (the held invoice's charges and usage never were).
+        expire_pending_update(st, stored, now, force=True)
+        sub = copy.deepcopy(stored)
+        sub["pending_update"] = None
     change = Change(st, sub, now, proration_date(p, sub, now), proration)
     if "metadata" in p:
         sub["metadata"] = metadata(sub["metadata"], p["metadata"])
@@ -114,9 +120,6 @@ def update_subscription(call: Call, object_id: str) -> Json:
             type="card_error",
             decline_code="generic_decline",
         )
-    if stored["pending_update"] and ("items" in p or cancel is not None):
-        expire_pending_update(st, stored, now, force=True)  # a newer change replaces it
-        sub["pending_update"] = None
     record(change)
     if not invoice_now:
         return apply(call, change)

@@ -101,7 +101,8 @@ def create_portal_session(call: Call) -> Json:
             raise StripeError(400, "This configuration is not active.", param="configuration")
     else:
         configs = call.state.store.get("billing_portal.configuration", {}).values()
-        configuration = next((c for c in configs if c["is_default"]), None) or create_configuration(
+        default: Json | None = next((c for c in configs if c["is_default"]), None)
+        configuration = default or create_configuration(
             Call(call.state, {"features": {}}, call.base_url), default=True
         )
     session_id = new_id("bps")

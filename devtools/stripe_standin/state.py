@@ -30,6 +30,7 @@ FIXTURES_PATH = Path(
 )
 METER_EVENT_WINDOW = (35 * 86400, 300)  # Stripe: at most 35 days old, 5 minutes ahead
 Json = dict[str, Any]
+V2_LIST = {"next_page_url": None, "previous_page_url": None}
 
 
 # ---------------------------------------------------------------- errors, ids, fixtures
@@ -51,6 +52,12 @@ class StripeError(Exception):
         if self.decline_code:
             error["decline_code"] = self.decline_code
         return {"error": error}
+
+    def v2_body(self) -> Json:
+        """API v2's shape: {"error": {"type", "code", "message"}} (a missing code: invalid_fields
+        for a 400, as v2 answers a request whose fields are wrong)."""
+        code = self.code or ("invalid_fields" if self.status == 400 else None)
+        return {"error": {"type": self.type, "code": code, "message": self.message}}
 
 
 def missing(param: str) -> StripeError:
@@ -80,6 +87,25 @@ def fixture(resource: str, /, unset: str = "", **fields: Any) -> Json:
     obj: Json = copy.deepcopy(_fixtures()[resource])
     obj.update(dict.fromkeys(unset.split()), **fields)
     return obj
+
+
+def iso(ts: float) -> str:
+    """A v2 timestamp: RFC 3339 in UTC with milliseconds ("2024-09-26T17:46:22.134Z")."""
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_iso(value: Any, param: str) -> int:
+    """A v2 date-time parameter ("2024-06-01T12:00:00Z", offsets and fractions allowed) as Unix
+    seconds; anything else is refused naming `param`."""
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        moment = None
+    if not isinstance(value, str) or moment is None or moment.tzinfo is None:
+        message = f"Invalid {param}: expected an RFC 3339 date-time such as 2024-06-01T12:00:00Z."
+        raise StripeError(400, message, code="invalid_fields", param=param)
+    return int(moment.timestamp())
 
 
 def list_object(url: str, data: list[Json], limit: int | None) -> Json:
@@ -143,6 +169,16 @@ def _listify(node: Any, name: str) -> Any:
     if items and name != "metadata" and all(k.isdigit() for k in items):
         return [items[k] for k in sorted(items, key=int)]
     return items
+
+
+def json_keys(value: Any, prefix: str = "") -> list[str]:
+    """A JSON body's leaf parameters named as form keys (`events[0][payload][value]`), so that
+    `check_known` can refuse unknown fields of a v2 body as it does form parameters."""
+    if isinstance(value, dict) and value:
+        return [k for key, v in value.items() for k in json_keys(v, param_name(prefix, key))]
+    if isinstance(value, list) and value:
+        return [k for i, v in enumerate(value) for k in json_keys(v, f"{prefix}[{i}]")]
+    return [prefix] if prefix else []
 
 
 def check_known(keys: Iterable[str], allowed: frozenset[str]) -> None:
@@ -217,7 +253,9 @@ def metadata(current: Json, update: Any) -> Json:
 
 
 class Endpoint(NamedTuple):
-    kind: str  # "api" (Stripe wire format), "control" (JSON) or "page" (HTML)
+    # "api" (Stripe's v1 wire format), "v2" (API v2: JSON bodies, v2 errors), "v2_session" (v2,
+    # authenticated by a meter event session's token), "control" (JSON) or "page" (HTML)
+    kind: str
     handler: Callable[..., Any]
     allowed: frozenset[str] = frozenset()
 
@@ -225,6 +263,20 @@ class Endpoint(NamedTuple):
 def api(method: str, path: str, handler: Callable[..., Json], allowed: str = "") -> Rule:
     """A Stripe route; `allowed` lists its parameters (`[]` an index, `[*]` any key)."""
     endpoint = Endpoint("api", handler, frozenset([*allowed.split(), "expand[]"]))
+    return Rule(path, methods=[method], endpoint=endpoint)
+
+
+def v2(
+    method: str,
+    path: str,
+    handler: Callable[..., Json],
+    allowed: str = "",
+    *,
+    session: bool = False,
+) -> Rule:
+    """An API v2 route (JSON body or query string); `session`: authenticated by a meter event
+    session's token instead of a secret key."""
+    endpoint = Endpoint("v2_session" if session else "v2", handler, frozenset(allowed.split()))
     return Rule(path, methods=[method], endpoint=endpoint)
 
 
@@ -254,11 +306,15 @@ class State:
         "invoiceitem",
         "billing_portal.session",
         "webhook_endpoint",
+        "v2.core.event_destination",
     )
 
-    def __init__(self, has_webhook: bool) -> None:
+    def __init__(self, has_webhook: bool, *, async_meter_validation: bool = True) -> None:
         self.lock = threading.Lock()
         self.has_webhook = has_webhook
+        # Stripe validates a meter event's meter, customer and value after accepting it; the
+        # stand-in did so synchronously (400) before, which stays the default (meter_events.py).
+        self.async_meter_validation = async_meter_validation
         self.store: dict[str, dict[str, Json]] = {kind: {} for kind in self.KINDS}
         self.session_orders: dict[str, Json] = {}  # checkout id -> line items, subscription_data
         self.meter_events: dict[str, Json] = {}  # by identifier
@@ -270,6 +326,17 @@ class State:
         # "usage_start": where its unbilled usage starts (a metered price change moves it)}
         self.item_clocks: dict[str, Json] = {}
         self.pending_changes: dict[str, Json] = {}  # subscription -> the pending update's effect
+        # meter events (meter_events.py, meter_errors.py, meter_stream.py):
+        self.canceled: dict[
+            str, int
+        ] = {}  # meter event identifier -> when an adjustment canceled it
+        self.meter_errors: Json = {"pending": [], "reported": []}  # invalid events, asynchronously
+        self.meter_drops: Json = {"waiting": 0, "dropped": []}  # /_standin/meter_events/drop_next
+        self.meter_sessions: dict[str, Json] = {}  # authentication token -> meter event session
+        self.v2_events: dict[str, Json] = {}  # thin events, in full (GET /v2/core/events/{id})
+        self.clock: Json = {
+            "offset": 0
+        }  # seconds added to the wall clock (/_standin/clock/advance)
 
     def get(self, kind: str, object_id: Any, param: str = "id", status: int = 400) -> Json:
         obj = self.store[kind].get(object_id) if isinstance(object_id, str) else None
@@ -291,7 +358,20 @@ class State:
         "declines",
         "item_clocks",
         "pending_changes",
+        "canceled",
+        "meter_errors",
+        "meter_drops",
+        "meter_sessions",
+        "v2_events",
+        "clock",
     )
+
+    def now(self) -> int:
+        """The stand-in's wall clock for meter events: when an event is received, its default
+        timestamp and allowed window, the 24 hours an adjustment may cancel it, session expiry.
+        The wall clock unless /_standin/clock/advance moved it (billing periods are simulated
+        apart from it, by /_standin/subscriptions/{id}/advance)."""
+        return int(time.time()) + int(self.clock["offset"])
 
     def save(self, path: Path) -> None:
         """Write everything to `path` (local runs keep Stripe's side next to their database)."""
@@ -307,11 +387,20 @@ class State:
                     getattr(self, name).update(saved.get(name, {}))
 
     def dump(self) -> Json:
-        names = {"billing.meter": "meters", "checkout.session": "checkout_sessions"}
+        names = {
+            "billing.meter": "meters",
+            "checkout.session": "checkout_sessions",
+            "v2.core.event_destination": "event_destinations",
+        }
         out: Json = {names.get(k, k + "s"): list(v.values()) for k, v in self.store.items()}
         out["meter_events"] = [
-            {**e, "billed_on": self.billed.get(key)} for key, e in self.meter_events.items()
+            {**e, "billed_on": self.billed.get(key), "canceled_at": self.canceled.get(key)}
+            for key, e in self.meter_events.items()
         ]
+        out["meter_errors"] = self.meter_errors  # pending and reported (an object, not a list)
+        out["meter_drops"] = self.meter_drops
+        out["thin_events"] = list(self.v2_events.values())
+        out["clock"] = {"offset": self.clock["offset"], "now": self.now()}
         out["events"] = list(self.event_log.values())
         out["checkout_orders"] = self.session_orders  # line items as sent, by session id
         return copy.deepcopy(out)
@@ -327,6 +416,8 @@ class Call:
     request_id: str | None = None
     idempotency_key: str | None = None
     events: list[Json] = field(default_factory=list)
+    thin: list[Json] = field(default_factory=list)  # thin events and where each goes
+    token: str | None = None  # a meter event session's token (v2_session routes)
 
     def emit(self, event_type: str, obj: Json) -> None:
         event = fixture(
