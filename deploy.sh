@@ -7,7 +7,8 @@
 #   ./deploy.sh stripe-catalog [--plans FILE]
 #                                meter, products, prices from plans.toml (or FILE); ids into
 #                                billing_plans; a plan no longer listed becomes inactive
-#   ./deploy.sh webhook          the Stripe webhook endpoint ($WEBHOOK_URL) for the handled events
+#   ./deploy.sh webhook          the Stripe webhook endpoint ($WEBHOOK_URL) for the handled events,
+#                                and the thin-event destination for the meter error reports
 #   ./deploy.sh functions        each function to Cloud Run functions ($GCP_PROJECT, gcloud)
 #   ./deploy.sh all              migrate, stripe-catalog, functions, webhook
 #   ./deploy.sh flush-usage [--limit N]
@@ -16,10 +17,14 @@
 #                                failed usage back to pending once its cause is fixed
 #   ./deploy.sh repair-events    re-process failed Stripe events from the ledger
 #   ./deploy.sh resync [sub_...] re-sync one subscription, or all, from Stripe
+#   ./deploy.sh check [--plans FILE]
+#                                verify the deployment against Stripe: meter, prices, webhook
+#                                endpoint, thin-event destination, portal, flush schedule;
+#                                one line per check, exit 1 when any fails (changes nothing)
 #   ./deploy.sh help             this text
 #
 # Options: a step takes only its own (above) and refuses any other. --dry-run prints what would
-# be done without doing it; every step but local, test and flush-usage takes it.
+# be done without doing it; every step but local, test, flush-usage and check takes it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -108,6 +113,14 @@ cmd_webhook() {
   "$PY" -m ops.webhook --url "$url" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
 }
 
+cmd_check() {
+  local url
+  url="$(webhook_url)"
+  require_env STRIPE_SECRET_KEY DATABASE_URL
+  ensure_venv
+  "$PY" -m ops.check --url "$url" "${STEP_ARGS[@]+"${STEP_ARGS[@]}"}"
+}
+
 cmd_functions() {
   require_env GCP_PROJECT
   [ "$DRY_RUN" = 1 ] || command -v "${GCLOUD:-gcloud}" >/dev/null 2>&1 ||
@@ -151,6 +164,7 @@ step_options() {
   case "$1" in
     migrate|webhook|functions|all|repair-events) echo "--dry-run" ;;
     stripe-catalog) echo "--plans=FILE --dry-run" ;;
+    check) echo "--plans=FILE" ;;
     flush-usage) echo "--limit=N" ;;
     requeue-usage) echo "--org=ID --since=YYYY-MM-DD --dry-run" ;;
     resync) echo "sub_... --dry-run" ;;
@@ -213,7 +227,7 @@ main() {
     # Their own tools read these arguments (pytest, devtools.local) and refuse what they do not know.
     test) cmd_test "$@"; return ;;
     local) ensure_venv; exec "$PY" -m devtools.local "$@" ;;
-    migrate|stripe-catalog|webhook|functions|all|flush-usage|requeue-usage|repair-events|resync) ;;
+    migrate|stripe-catalog|webhook|functions|all|flush-usage|requeue-usage|repair-events|resync|check) ;;
     help|-h|--help) ;;
     *) usage >&2; die "unknown command: $command" ;;
   esac
@@ -222,6 +236,7 @@ main() {
     migrate) cmd_migrate ;;
     stripe-catalog) cmd_catalog ;;
     webhook) cmd_webhook ;;
+    check) cmd_check ;;
     functions) cmd_functions ;;
     all) cmd_all ;;
     flush-usage) cmd_flush_usage ;;
