@@ -207,7 +207,7 @@ begin
      and c.period_end = p_part.period_start
      for update;
   if v_prev.id is null or p_at = p_part.period_start or p_at >= p_part.period_end
-     or p_at <= v_prev.period_start or p_at < date_trunc('second', v_prev.confirmed_at) then
+     or p_at <= greatest(v_prev.period_start, v_prev.confirmed_at) then
     return p_part;
   end if;
   update public.billing_cycles c set period_end = p_at where c.id = v_prev.id;
@@ -299,9 +299,7 @@ begin
      where c.id = v_part.id;
     perform private.refigure_cycle(v_part.id);
   else
-    -- On whole seconds, as Stripe's times: a change in the second its old price was confirmed
-    -- counts from that second.
-    v_at := greatest(coalesce(p_changed_at, p_seen_at), date_trunc('second', v_part.confirmed_at));
+    v_at := greatest(coalesce(p_changed_at, p_seen_at), v_part.confirmed_at);
     if v_at > v_part.period_start and v_at < v_part.period_end then
       v_part := private.split_cycle(v_part, v_at, v_price, v_included, v_rate, p_seen_at);
     else
@@ -568,11 +566,14 @@ begin
          from jsonb_array_elements(coalesce(p_invoice -> 'lines', '[]'::jsonb)) l
         where (l ->> 'period_end')::bigint <= (p_invoice ->> 'created')::bigint
           and (l ->> 'period_end')::bigint > (l ->> 'period_start')::bigint
-          and to_timestamp((l ->> 'period_start')::bigint) >= c.period_start
+          -- Stripe's times are whole seconds; a part split at a change may start within one
+          and to_timestamp((l ->> 'period_start')::bigint) >= date_trunc('second', c.period_start)
           and to_timestamp((l ->> 'period_start')::bigint) < c.period_end
           and exists (
             select 1 from public.billing_plan_prices pp
              where pp.kind = 'metered' and pp.stripe_price_id = l ->> 'price_id')
+          -- the part of the period on that price (the two parts of a split share a second)
+          and (c.stripe_metered_price_id is null or c.stripe_metered_price_id = l ->> 'price_id')
      );
   get diagnostics v_invoiced = row_count;
   return v_invoiced;
@@ -716,7 +717,7 @@ begin
          and a.value is distinct from b.value;
     end if;
     perform private.sync_cycles(
-      v_after, v_plan, p_state_at, to_timestamp((p_state ->> 'changed_at')::bigint));
+      v_after, v_plan, p_state_at, to_timestamp((p_state ->> 'changed_at')::double precision));
   end if;
 
   -- Valid whatever the state's age.
