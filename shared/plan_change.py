@@ -115,10 +115,9 @@ def upgrade(
         if metered
         else {"price": target["metered_price_id"]}
     )
-    # Taken before the call, on its whole second (Stripe's times are whole seconds): the usage
-    # metered before it stays on the old price's part of the cycle (docs/plan-changes.md).
-    started = database_now(database)
-    changed_at = started.replace(microsecond=0)
+    # Taken before the call, after the old price was confirmed above: the usage metered before
+    # it stays on the old price's part of the cycle (docs/plan-changes.md).
+    changed_at = database_now(database)
     with stripe_errors():
         updated = stripe_client.v1.subscriptions.update(
             str(fetched.subscription["id"]),
@@ -135,7 +134,7 @@ def upgrade(
             " Update the payment method (Manage billing) and try again.",
         )
     apply_state(
-        Fetched(updated.to_dict(), started),
+        Fetched(updated.to_dict(), changed_at),
         database=database,
         actor=ACTOR,
         changed_at=changed_at,

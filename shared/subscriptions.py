@@ -208,7 +208,7 @@ def apply_state(
     """
     state = normalise_subscription(fetched.subscription)
     if changed_at is not None:
-        state["changed_at"] = int(changed_at.timestamp())
+        state["changed_at"] = changed_at.timestamp()
     result: dict[str, Any] = database.call(
         "apply_subscription_state",
         p_state=state,
