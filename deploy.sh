@@ -15,6 +15,10 @@
 #                                deliver pending meter events to Stripe (schedule it)
 #   ./deploy.sh requeue-usage [--org ID] [--since YYYY-MM-DD]
 #                                failed usage back to pending once its cause is fixed
+#   ./deploy.sh reconcile [--org ID] [--since YYYY-MM-DD] [--repair]
+#                                each cycle's usage rows, totals, Stripe's meter summaries and
+#                                invoice compared: one line per cycle, exit 1 on any drift;
+#                                --repair mends what can be mended and reports what to credit
 #   ./deploy.sh repair-events    re-process failed Stripe events from the ledger
 #   ./deploy.sh resync [sub_...] re-sync one subscription, or all, from Stripe
 #   ./deploy.sh check [--plans FILE]
@@ -159,6 +163,12 @@ cmd_requeue_usage() {
   "$PY" -m ops.requeue_usage "${STEP_ARGS[@]+"${STEP_ARGS[@]}"}" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
 }
 
+cmd_reconcile() {
+  require_env DATABASE_URL STRIPE_SECRET_KEY
+  ensure_venv
+  "$PY" -m ops.reconcile "${STEP_ARGS[@]+"${STEP_ARGS[@]}"}" $( [ "$DRY_RUN" = 1 ] && echo --dry-run )
+}
+
 # The options each step takes: --flag, or --name=WHAT for one that takes a value.
 step_options() {
   case "$1" in
@@ -167,6 +177,7 @@ step_options() {
     check) echo "--plans=FILE" ;;
     flush-usage) echo "--limit=N" ;;
     requeue-usage) echo "--org=ID --since=YYYY-MM-DD --dry-run" ;;
+    reconcile) echo "--org=ID --since=YYYY-MM-DD --repair --dry-run" ;;
     resync) echo "sub_... --dry-run" ;;
   esac
 }
@@ -208,10 +219,13 @@ parse_step_args() {
       [ -n "$value" ] || die "$command: $name needs a value ($what)"
       if [ "$name" = --plans ] && [[ "$value" != /* ]]; then value="$CALLER_DIR/$value"; fi
       STEP_ARGS+=("$name" "$value")
+    elif [ "$arg" = "$name" ] && [[ "$arg" == --* ]] &&
+      [[ " $(step_options "$command") " == *" $arg "* ]]; then
+      STEP_ARGS+=("$arg") # a flag of the step's own (reconcile --repair)
     elif [ "$command" = resync ] && [[ "$arg" != -* ]] && [ -z "$SUBSCRIPTION" ]; then
       SUBSCRIPTION="$arg"
-    elif [ "$arg" != "$name" ] && [ "$name" = --dry-run ]; then
-      die "$command: --dry-run takes no value"
+    elif [ "$arg" != "$name" ] && [[ " $(step_options "$command") " == *" $name "* ]]; then
+      die "$command: $name takes no value"
     elif [[ "$arg" == -* ]]; then
       die "$command does not take the option $name (it takes: $(options_text "$command"))"
     else
@@ -227,7 +241,7 @@ main() {
     # Their own tools read these arguments (pytest, devtools.local) and refuse what they do not know.
     test) cmd_test "$@"; return ;;
     local) ensure_venv; exec "$PY" -m devtools.local "$@" ;;
-    migrate|stripe-catalog|webhook|functions|all|flush-usage|requeue-usage|repair-events|resync|check) ;;
+    migrate|stripe-catalog|webhook|functions|all|flush-usage|requeue-usage|reconcile|repair-events|resync|check) ;;
     help|-h|--help) ;;
     *) usage >&2; die "unknown command: $command" ;;
   esac
@@ -241,6 +255,7 @@ main() {
     all) cmd_all ;;
     flush-usage) cmd_flush_usage ;;
     requeue-usage) cmd_requeue_usage ;;
+    reconcile) cmd_reconcile ;;
     repair-events) cmd_python ops.repair failed-events ;;
     resync)
       if [ -n "$SUBSCRIPTION" ]; then cmd_python ops.repair resync --subscription "$SUBSCRIPTION"

@@ -19,9 +19,10 @@ two, before the event is answered 200 (shared/subscriptions.py).
 A 5xx only where a retry can succeed: Stripe or the database down, the event in progress in
 another delivery, a price the catalog does not know yet (503 unknown_price). An event with nothing
 of ours in it (an organisation we do not have, a customer no organisation owns and no
-organisation_id metadata, an invoice without a subscription) is answered 200 `ignored` and keeps
-the reason on its row: no retry could change it, and the checkout that links an organisation
-carries the organisation itself, so ignoring an early subscription event loses nothing.
+organisation_id metadata, an invoice of no subscription or customer of ours, a draft invoice)
+is answered 200 `ignored` and keeps the reason on its row: no retry could change it, and the
+checkout that links an organisation carries the organisation itself, so ignoring an early
+subscription event loses nothing (a draft is recorded when it is finalized).
 
 A completed Checkout Session links an organisation only when we opened it (our
 `checkout_sessions` row names the organisation) or its `metadata.organisation_id` does (only our
@@ -35,7 +36,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -45,7 +46,8 @@ import stripe
 from pydantic import BaseModel, Field, StrictInt, ValidationError
 
 from shared.db import Database
-from shared.errors import BadRequest, BillingError, PayloadTooLarge
+from shared.errors import BadRequest, BillingError, PayloadTooLarge, UpstreamError
+from shared.invoices import FetchedInvoice, apply_invoice, fetch_invoice, invoice_missing
 from shared.stripe_api import describe
 from shared.subscriptions import (
     invoice_subscription_id,
@@ -143,6 +145,7 @@ class EventContext:
     database: Database
     stripe_client: stripe.StripeClient
     created: int = 0  # when Stripe made the event (unix s)
+    previous_attributes: dict[str, Any] = field(default_factory=dict)
 
 
 def _ignore(context: EventContext, reason: str) -> str:
@@ -219,18 +222,78 @@ def on_subscription_event(subscription: dict[str, Any], context: EventContext) -
     subscription_id = stripe_id(subscription.get("id"))
     if subscription_id is None:
         return _ignore(context, "the event's subscription has no id")
-    # A change of its metered price happened when Stripe made this event (a cycle is split
-    # there, never before the cycle was last confirmed: sql/0050).
-    return _sync(context, subscription_id, changed_at=datetime.fromtimestamp(context.created, UTC))
+    # The event of a change of the items' prices says when it happened (a cycle is split there:
+    # sql/0050); any other event says nothing about it.
+    changed = "items" in context.previous_attributes
+    changed_at = datetime.fromtimestamp(context.created, UTC) if changed else None
+    return _sync(context, subscription_id, changed_at=changed_at)
+
+
+def _record_invoice(context: EventContext, fetched: FetchedInvoice) -> str:
+    result = apply_invoice(fetched, database=context.database, event_id=context.event_id)
+    return str(result["status"])
 
 
 def on_invoice_event(invoice: dict[str, Any], context: EventContext, *, paid: bool) -> str:
     """paid: the renewal's cycle opens (from the fetched state) and the billed one closes with the
-    invoice id. payment_failed: the subscription's state (past_due) as Stripe has it now."""
-    subscription_id = invoice_subscription_id(invoice)
-    if subscription_id is None:
-        return _ignore(context, f"invoice {invoice.get('id')} belongs to no subscription")
-    return _sync(context, subscription_id, invoice=normalise_invoice(invoice) if paid else None)
+    invoice id. payment_failed: the subscription's state (past_due) as Stripe has it now. Both:
+    the invoice is recorded as Stripe has it now (shared/invoices.py).
+
+    Two SQL calls, each one transaction, both idempotent: the subscription first, without the
+    event id, so the invoice finds its subscription's row (the first invoice may come before the
+    checkout's event); then the invoice, whose call marks the event processed. A failure between
+    them leaves the event unprocessed, and Stripe's retry does both again.
+    """
+    invoice_id = stripe_id(invoice.get("id"))
+    if invoice_id is None:
+        return _ignore(context, "the event's invoice has no id")
+    fetched = fetch_invoice(context.stripe_client, invoice_id, database=context.database)
+    subscription_id = invoice_subscription_id(fetched.invoice)
+    if subscription_id is not None:
+        sync_subscription(
+            subscription_id,
+            database=context.database,
+            stripe_client=context.stripe_client,
+            invoice=normalise_invoice(fetched.invoice) if paid else None,
+            changed_at=price_changed_at(fetched.invoice),
+        )
+    return _record_invoice(context, fetched)
+
+
+def on_invoice_changed(invoice: dict[str, Any], context: EventContext) -> str:
+    """finalized / voided / marked_uncollectible / updated: the invoice as Stripe has it now.
+    A draft is not recorded (sql/0060); one deleted before we fetched it is ignored."""
+    invoice_id = stripe_id(invoice.get("id"))
+    if invoice_id is None:
+        return _ignore(context, "the event's invoice has no id")
+    try:
+        fetched = fetch_invoice(context.stripe_client, invoice_id, database=context.database)
+    except UpstreamError as error:
+        if not invoice_missing(error):
+            raise
+        return _ignore(
+            context, f"invoice {invoice_id} no longer exists at Stripe (a deleted draft)"
+        )
+    return _record_invoice(context, fetched)
+
+
+def price_changed_at(invoice: dict[str, Any]) -> datetime | None:
+    """When a metered price was replaced, if this invoice says: the end of the invoice item that
+    billed the old price's usage up to the change (docs/plan-changes.md)."""
+    ends: list[int] = []
+    for line in (invoice.get("lines") or {}).get("data") or []:
+        parent = line.get("parent") or {}
+        period = line.get("period") or {}
+        start, end = period.get("start"), period.get("end")
+        if (
+            parent.get("type") == "invoice_item_details"
+            and not (parent.get("invoice_item_details") or {}).get("proration")
+            and isinstance(start, int)
+            and isinstance(end, int)
+            and end > start
+        ):
+            ends.append(end)
+    return datetime.fromtimestamp(max(ends), UTC) if ends else None
 
 
 Handler = Callable[[dict[str, Any], EventContext], str]
@@ -242,6 +305,10 @@ HANDLERS: dict[str, Handler] = {
     "customer.subscription.deleted": on_subscription_event,
     "invoice.paid": partial(on_invoice_event, paid=True),
     "invoice.payment_failed": partial(on_invoice_event, paid=False),
+    "invoice.finalized": on_invoice_changed,
+    "invoice.voided": on_invoice_changed,
+    "invoice.marked_uncollectible": on_invoice_changed,
+    "invoice.updated": on_invoice_changed,
 }
 
 
@@ -303,7 +370,13 @@ def process_event(
     )
     if handler is None or claim["status"] != "claimed":
         return str(claim["status"])  # 'ignored' or 'duplicate'
-    context = EventContext(event["id"], database, stripe_client, int(event["created"]))
+    context = EventContext(
+        event["id"],
+        database,
+        stripe_client,
+        int(event["created"]),
+        event["data"].get("previous_attributes") or {},
+    )
     try:
         return handler(event["data"]["object"], context)
     except Exception as error:

@@ -566,14 +566,16 @@ begin
          from jsonb_array_elements(coalesce(p_invoice -> 'lines', '[]'::jsonb)) l
         where (l ->> 'period_end')::bigint <= (p_invoice ->> 'created')::bigint
           and (l ->> 'period_end')::bigint > (l ->> 'period_start')::bigint
-          -- Stripe's times are whole seconds; a part split at a change may start within one
+          -- The line bills the cycle (or the part of a split one) it starts in, to its end.
+          -- Stripe's times are whole seconds; ours split at a change within a second, and
+          -- Stripe's change may follow our request by a few seconds.
           and to_timestamp((l ->> 'period_start')::bigint) >= date_trunc('second', c.period_start)
           and to_timestamp((l ->> 'period_start')::bigint) < c.period_end
+          and to_timestamp((l ->> 'period_end')::bigint)
+              between date_trunc('second', c.period_end) and c.period_end + interval '5 seconds'
           and exists (
             select 1 from public.billing_plan_prices pp
              where pp.kind = 'metered' and pp.stripe_price_id = l ->> 'price_id')
-          -- the part of the period on that price (the two parts of a split share a second)
-          and (c.stripe_metered_price_id is null or c.stripe_metered_price_id = l ->> 'price_id')
      );
   get diagnostics v_invoiced = row_count;
   return v_invoiced;

@@ -77,6 +77,7 @@ class StripeBilling:
         self.prices: dict[str, tuple[str, bool]] = {}  # id -> (interval, metered)
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.schedules: dict[str, dict[str, Any]] = {}
+        self.invoices: dict[str, dict[str, Any]] = {}  # served to the webhook's invoice fetch
         self.calls: list[Call] = []
         self.decline_updates = 0
         self.on_update: Callable[[], None] | None = None
@@ -88,6 +89,11 @@ class StripeBilling:
         schedule = r"^/v1/subscription_schedules/(?P<schedule_id>[^/]+)"
         router.get(path__regex=sub).mock(side_effect=self._retrieve)
         router.post(path__regex=sub).mock(side_effect=self._update)
+        router.get(path__regex=r"^/v1/invoices/(?P<invoice_id>[^/]+)$").mock(
+            side_effect=lambda request, invoice_id: httpx.Response(
+                200, json=self.invoices[invoice_id]
+            )
+        )
         router.post(path="/v1/subscription_schedules").mock(side_effect=self._create_schedule)
         router.get(path__regex=schedule + "$").mock(side_effect=self._get_schedule)
         router.post(path__regex=schedule + "$").mock(side_effect=self._update_schedule)
@@ -1771,6 +1777,7 @@ def test_a_dashboard_change_splits_at_the_change_whatever_the_delivery_order(
         (subscribed.metered_period[0], changed),
         changed + 2,
     )
+    stripe.invoices[invoice["id"]] = invoice
     change = event_object(
         "customer.subscription.updated", stripe.subscriptions[subscribed.sub_id], created=changed
     )

@@ -416,3 +416,7 @@ def test_requeue_usage_puts_failed_usage_back_to_pending(database_url, db):
     assert again.returncode == 0 and again.stdout == "no failed usage to requeue\n"
     other = deploy("requeue-usage", "--org", str(uuid.uuid4()), "--dry-run", **env)
     assert other.stdout == "no failed usage to requeue\n"
+    # Parked: the session's database is shared, and a later test's flush must not deliver it.
+    db.execute(
+        "update usage_records set meter_next_attempt_at = 'infinity' where id = %s", (usage_id,)
+    )

@@ -22,12 +22,14 @@ USER_TABLES = (
     "billing_cycles",
     "usage_records",
     "usage_alerts",
+    "invoices",
 )
 
 
 @pytest.fixture
 def two_orgs(db, make_user, make_org, make_plan) -> dict[str, Any]:
-    """Organisations A and B with a subscription, a cycle, a usage row, an alert, an audit row."""
+    """Organisations A and B with a subscription, a cycle, a usage row, an alert, an audit row,
+    an invoice."""
     rows: dict[str, Any] = {"plan": make_plan(), "hidden_plan": make_plan(active=False)}
     for label in ("a", "b"):
         owner, admin, member = make_user(), make_user(), make_user()
@@ -58,6 +60,13 @@ def two_orgs(db, make_user, make_org, make_plan) -> dict[str, Any]:
         db.execute(
             "insert into audit_log (organisation_id, actor, action) values (%s, 'test', 'x')",
             (org["id"],),
+        )
+        db.execute(
+            "insert into invoices (id, organisation_id, subscription_id, stripe_customer_id,"
+            " status, currency, amount_due, amount_paid, amount_remaining, total, created,"
+            " stripe_state_at) values (%s, %s, %s, %s, 'open', 'eur', 100, 0, 100, 100, now(),"
+            " now())",
+            (f"in_{org['id'].hex}", org["id"], sub["id"], f"cus_{org['id']}"),
         )
         rows[label] = {"org": org, "owner": owner, "admin": admin, "member": member}
     db.execute(
@@ -134,6 +143,7 @@ WRITES = {
     "audit_log": "delete from public.audit_log",
     "billing_plans": "update public.billing_plans set monthly_price_cents = 0",
     "stripe_events": "delete from public.stripe_events",
+    "invoices": "update public.invoices set status = 'paid'",
 }
 
 
@@ -275,6 +285,7 @@ END_USER_PRIVILEGES = {
     "usage_records": ({"SELECT"}, set()),
     "usage_alerts": ({"SELECT"}, set()),
     "audit_log": ({"SELECT"}, set()),
+    "invoices": ({"SELECT"}, set()),
     "billing_plans": ({"SELECT"}, {"SELECT"}),
 }
 

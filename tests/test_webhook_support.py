@@ -250,6 +250,22 @@ def signature_header(
     return str(stripe.WebhookSignature.generate_signature_header(body, secret, timestamp))
 
 
+# Every invoice an event carried, as the last delivered event showed it: Stripe has every invoice
+# it sends an event about, so the stand-in serves these unless a test set `invoices[id]` itself.
+# A new stand-in (a new test) starts with none: an earlier test's event retried by a repair run
+# finds no invoice, as it finds no subscription.
+sent_invoices: dict[str, dict[str, Any]] = {}
+
+
+def remember_sent_invoice(body: str) -> None:
+    try:
+        obj = json.loads(body)["data"]["object"]
+    except (ValueError, KeyError, TypeError):
+        return
+    if isinstance(obj, dict) and obj.get("object") == "invoice" and isinstance(obj.get("id"), str):
+        sent_invoices[obj["id"]] = json.loads(json.dumps(obj))
+
+
 def deliver(
     client: Any,
     event: dict[str, Any] | str | bytes,
@@ -260,6 +276,7 @@ def deliver(
     """POST `event` to the handler the way Stripe does, signed with `secret`."""
     body = event if isinstance(event, str | bytes) else json.dumps(event)
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    remember_sent_invoice(text)
     return client.post(
         "/",
         data=body,
@@ -317,6 +334,10 @@ class StripeStandIn:
     subscription item honours the idempotency key, as Stripe does. A cancel (DELETE) takes
     Stripe's parameters only, refuses a canceled subscription as Stripe does (an idempotency key
     does nothing on DELETE), and `fail_cancels` answers that many with a 500.
+
+    Invoices: a retrieve returns `invoices[id]` (None: deleted, 404), else the invoice as an event
+    last carried it (`sent_invoices`); `fail_invoice_retrieves` answers that many with a 500. A
+    list (`subscription`, `limit`, `starting_after`) pages through the same, newest first.
     """
 
     def __init__(self, router: respx.Router) -> None:
@@ -337,6 +358,63 @@ class StripeStandIn:
         router.post("/v1/subscription_items").mock(side_effect=self._create_item)
         router.delete(path__regex=r"^/v1/subscriptions/(?P<subscription_id>[^/]+)$").mock(
             side_effect=self._cancel
+        )
+        sent_invoices.clear()
+        self.invoices: dict[str, dict[str, Any] | None] = {}
+        self.invoice_retrieves: list[httpx.Request] = []
+        self.fail_invoice_retrieves = 0
+        router.get(path__regex=r"^/v1/invoices/(?P<invoice_id>in_[^/]+)$").mock(
+            side_effect=self._retrieve_invoice
+        )
+        router.get("/v1/invoices").mock(side_effect=self._list_invoices)
+
+    def invoice(self, invoice_id: str) -> dict[str, Any] | None:
+        if invoice_id in self.invoices:
+            return self.invoices[invoice_id]
+        return sent_invoices.get(invoice_id)
+
+    def _retrieve_invoice(self, request: httpx.Request, invoice_id: str) -> httpx.Response:
+        with self._lock:
+            self.invoice_retrieves.append(request)
+            if self.fail_invoice_retrieves > 0:
+                self.fail_invoice_retrieves -= 1
+                return stripe_error(500, "api_error", "An unknown error occurred.")
+            invoice = self.invoice(invoice_id)
+        if invoice is None:
+            return stripe_error(
+                404,
+                "invalid_request_error",
+                f"No such invoice: '{invoice_id}'",
+                code="resource_missing",
+            )
+        return httpx.Response(200, json=invoice)
+
+    def _list_invoices(self, request: httpx.Request) -> httpx.Response:
+        params = dict(urllib.parse.parse_qsl(request.url.query.decode()))
+        with self._lock:
+            ids = {**sent_invoices, **self.invoices}
+            invoices = [
+                invoice
+                for invoice_id in ids
+                if (invoice := self.invoice(invoice_id))
+                and ((invoice.get("parent") or {}).get("subscription_details") or {}).get(
+                    "subscription"
+                )
+                == params.get("subscription")
+            ]
+        invoices.sort(key=lambda invoice: (-invoice["created"], invoice["id"]))
+        if "starting_after" in params:
+            after = [invoice["id"] for invoice in invoices].index(params["starting_after"])
+            invoices = invoices[after + 1 :]
+        limit = int(params.get("limit", 10))
+        return httpx.Response(
+            200,
+            json={
+                "object": "list",
+                "data": invoices[:limit],
+                "has_more": len(invoices) > limit,
+                "url": "/v1/invoices",
+            },
         )
 
     def _retrieve(self, request: httpx.Request, subscription_id: str) -> httpx.Response:
