@@ -35,6 +35,7 @@ from jose import jwt
 
 from ops.catalog import ROOT, ensure_portal_configuration, load_plans, sync_catalog
 from ops.migrate import migrate
+from ops.webhook import DESTINATION_NAME, THIN_EVENTS, find_thin_destination
 from shared.settings import Settings
 from shared.stripe_api import make_stripe_client
 
@@ -66,6 +67,41 @@ def local_secrets(data: Path) -> dict[str, str]:
     path.write_text(json.dumps(values, indent=2))
     path.chmod(0o600)
     return values
+
+
+def thin_destination_secret(settings: Settings, url: str, data: Path) -> str:
+    """The signing secret of the stand-in's thin-event destination for `url` (ops.webhook's),
+    created once. Stripe shows a destination's secret only when creating it, so it is kept in
+    data/thin-destination.json beside the stand-in's state; a destination whose secret was lost
+    (a run killed before the stand-in saved its state, say) is disabled and made again."""
+    path = data / "thin-destination.json"
+    known: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
+    client = make_stripe_client(settings)
+    found = find_thin_destination(client, url)
+    if found is not None and known.get(url, {}).get("destination") == found.id:
+        if found.status != "enabled":
+            client.v2.core.event_destinations.enable(found.id)
+        return known[url]["secret"]
+    if found is not None:
+        client.v2.core.event_destinations.disable(found.id)
+    created = client.v2.core.event_destinations.create(
+        params={
+            "name": DESTINATION_NAME,
+            "description": "Stripe's verdicts on meter events, for stripe-webhook-handler",
+            "type": "webhook_endpoint",
+            "event_payload": "thin",
+            "enabled_events": list(THIN_EVENTS),
+            "webhook_endpoint": {"url": url},
+            "include": ["webhook_endpoint.signing_secret", "webhook_endpoint.url"],
+        }
+    )
+    secret = created.webhook_endpoint.signing_secret if created.webhook_endpoint else None
+    if not secret:
+        raise RuntimeError(f"the thin-event destination {created.id} came without its secret")
+    known[url] = {"destination": created.id, "secret": secret}
+    path.write_text(json.dumps(known, indent=2))
+    path.chmod(0o600)
+    return secret
 
 
 def port_free(port: int) -> bool:
@@ -170,6 +206,10 @@ class Stack:
                 STRIPE_WEBHOOK_SECRET=keys["webhook_secret"],
                 STRIPE_API_BASE=self.stripe_base,
             )
+            # Stripe's meter error reports come as thin events, signed with their destination's
+            # own secret: the handler takes both secrets.
+            thin_secret = thin_destination_secret(Settings(**self.env), webhook_url, self.data)
+            self.env["STRIPE_WEBHOOK_SECRET"] += "," + thin_secret
         ids = sync_catalog(Settings(**self.env), load_plans(ROOT / "plans.toml"), dry_run=False)
         if "mb_setup_fee" in ids:
             self.env["STRIPE_SETUP_FEE_PRICE_ID"] = ids["mb_setup_fee"]
