@@ -39,10 +39,17 @@ class ProcessKilled(BaseException):
 
 
 def make_due(db: Any, org_id: Any) -> None:
-    """Let the organisation's leases and backoffs run out."""
+    """Let the organisation's leases and backoffs run out. Other organisations' pending events
+    (left by other test files in the session's shared database) are parked: the flush is global
+    by design, and they must not reach this test's meter."""
     db.execute(
         "update usage_records set meter_next_attempt_at = now()"
         " where organisation_id = %s and meter_status = 'pending'",
+        (org_id,),
+    )
+    db.execute(
+        "update usage_records set meter_next_attempt_at = 'infinity'"
+        " where organisation_id <> %s and meter_status = 'pending'",
         (org_id,),
     )
 
