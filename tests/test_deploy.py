@@ -324,15 +324,6 @@ def pending_meter_event(database_url: str) -> tuple[str, str]:
     return str(org[0]), str(usage[0]["usage_record_id"])
 
 
-def has_requeue_function(url: str) -> bool:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "select exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
-            " where n.nspname = 'public' and p.proname = 'requeue_failed_usage')"
-        ).fetchone()
-    return bool(row and row[0])
-
-
 @pytest.mark.parametrize(
     ("args", "refused"),
     [
@@ -385,8 +376,6 @@ def test_requeue_usage_prints_a_line_per_row_and_a_summary():
 
 
 def test_requeue_usage_puts_failed_usage_back_to_pending(database_url, db):
-    if not has_requeue_function(database_url):
-        pytest.skip("public.requeue_failed_usage is not migrated yet")
     org_id, usage_id = pending_meter_event(database_url)
     db.execute(
         "update usage_records set meter_status = 'failed', meter_claimed_at = null,"
