@@ -1,0 +1,696 @@
+"""The hot path measured side by side in one run, on this machine only (loopback, about 2 min).
+
+    python bench/hot_path.py [--seconds 8] [--warmup 2] [--connections 16]
+
+Starts an embedded Postgres (pgserver) in a temporary directory, migrates it with the real
+migrations, seeds subscribed organisations, and measures with the same client and server settings:
+
+- a bare functions-framework function that parses a JSON body (the ceiling);
+- POST report-usage with a local Stripe stub answering after 1 ms, then after 150 ms;
+- GET report-usage;
+- on the same database, a minimal SQL floor (idempotent insert + atomic counter increment, in a
+  scratch schema) and public.record_usage called directly, by the same method (pgbench, else a
+  Python loop with as many threads as connections).
+
+Every server is functions-framework's default gunicorn (no WORKERS/THREADS set); every HTTP load
+is wrk (`wrk` from Debian) with the same connections and duration after a warm-up, each POST with
+its own call_id. Prints each rate, p50/p99, the ratios issue 12 names, Stripe requests per report
+(counted at the stub) and whether each target is met. Timings are never asserted by tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
+
+import httpx
+import pgserver
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ops.migrate import migrate  # noqa: E402
+
+FIXTURE = json.loads((ROOT / "devtools" / "stripe_fixtures" / "fixtures3.json").read_text())[
+    "resources"
+]["billing.meter_event"]
+SERVICE_KEY = "bench_service_role_key_0123456789abcdef"
+WRK_THREADS = 2
+
+# Targets of issue 12 (items 2, 4 and 5).
+POST_RATE_TARGET = 0.6  # report-usage POST (Stripe at 150 ms) / bare function, at least
+POST_P50_TARGET = 2.0  # its p50 / the bare function's p50, at most
+SQL_TARGET = 0.6  # record_usage / SQL floor, at least
+STRIPE_PER_REPORT_TARGET = 1 / 50  # Stripe requests per report at sustained load, at most
+
+BARE_FUNCTION = '''\
+import flask
+
+
+def bare(request: flask.Request) -> flask.Response:
+    """Parse the JSON body and answer with a small JSON object, nothing else."""
+    body = request.get_json()
+    return flask.jsonify({"received": len(body)}), 201
+'''
+
+# One wrk script for every HTTP load: a unique call_id per POST (run tag, wrk thread, counter),
+# the same headers, and the statuses counted for the report.
+WRK_SCRIPT = r"""
+local threads = {}
+counter = 0
+n200, n201, n202, nother = 0, 0, 0, 0
+
+function setup(thread)
+  thread:set("id", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  method, tag, org = args[1], args[2], args[3]
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Authorization"] = "Bearer " .. args[4]
+end
+
+function request()
+  if method == "GET" then
+    return wrk.format("GET")
+  end
+  counter = counter + 1
+  local body = string.format(
+    '{"org_id":"%s","call_id":"%s-%d-%d","call_duration_seconds":61}', org, tag, id, counter)
+  return wrk.format("POST", nil, nil, body)
+end
+
+function response(status, headers, body)
+  if status == 200 then n200 = n200 + 1
+  elseif status == 201 then n201 = n201 + 1
+  elseif status == 202 then n202 = n202 + 1
+  else nother = nother + 1 end
+end
+
+function done(summary, latency, requests)
+  local s = {0, 0, 0, 0}
+  for _, t in ipairs(threads) do
+    s[1] = s[1] + t:get("n200")
+    s[2] = s[2] + t:get("n201")
+    s[3] = s[3] + t:get("n202")
+    s[4] = s[4] + t:get("nother")
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"errors":%d,' ..
+    '"s200":%d,"s201":%d,"s202":%d,"other":%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, s[1], s[2], s[3], s[4]))
+end
+"""
+
+
+@dataclass
+class Measured:
+    """One load: rate, latencies and what came back."""
+
+    name: str
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# --- Stripe stub -------------------------------------------------------------------------------
+
+
+class StripeStub(BaseHTTPRequestHandler):
+    """Stripe's meter event endpoints after `delay` seconds, every request counted by path.
+
+    POST /v1/billing/meter_events answers a fixture-shaped billing.meter_event; the v2 session and
+    stream endpoints answer minimally, so a batched delivery is counted the same way.
+    """
+
+    delay = 0.001
+    lock = threading.Lock()
+    counts: ClassVar[Counter[str]] = Counter()
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers["Content-Length"] or 0))
+        time.sleep(self.delay)
+        with self.lock:
+            self.counts[self.path] += 1
+        if self.path == "/v1/billing/meter_events":
+            form = parse_qs(raw.decode())
+            answer: dict[str, Any] = {
+                **FIXTURE,
+                "identifier": form["identifier"][0],
+                "event_name": form["event_name"][0],
+                "timestamp": int(form["timestamp"][0]),
+                "payload": {
+                    "stripe_customer_id": form["payload[stripe_customer_id]"][0],
+                    "value": form["payload[value]"][0],
+                },
+            }
+        elif self.path == "/v2/billing/meter_event_session":
+            answer = {
+                "object": "v2.billing.meter_event_session",
+                "id": f"mes_bench{uuid.uuid4().hex[:12]}",
+                "authentication_token": f"mes_token_{uuid.uuid4().hex}",
+                "created": "2026-01-01T00:00:00.000Z",
+                "expires_at": time.strftime(
+                    "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() + 900)
+                ),
+                "livemode": False,
+            }
+        elif self.path == "/v2/billing/meter_event_stream":
+            answer = {}
+        else:
+            self.send_error(404)
+            return
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stripe_stub(delay: float) -> Iterator[tuple[str, type[StripeStub]]]:
+    handler = type("StripeStubDelayed", (StripeStub,), {"delay": delay, "counts": Counter()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.request_queue_size = 128
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+
+
+# --- servers and load --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {SERVICE_KEY}"}
+
+
+@contextlib.contextmanager
+def function_server(
+    source: Path, target: str, env: dict[str, str], ready: Callable[[str], bool]
+) -> Iterator[tuple[str, int]]:
+    """functions-framework with its default gunicorn (1 worker, 4 threads per core) on loopback;
+    its URL and how many requests it took to see it ready."""
+    port = free_port()
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
+    command = [
+        str(Path(sys.executable).parent / "functions-framework"),
+        "--source",
+        str(source),
+        "--target",
+        target,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(command, env={**base_env, **env}, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline, checks = time.monotonic() + 30, 0
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                checks += 1
+                if ready(url):
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{target} did not start under functions-framework")
+            time.sleep(0.2)
+        yield url, checks
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wrk(
+    script: Path, url: str, method: str, org: str, tag: str, seconds: float, connections: int
+) -> dict[str, int]:
+    """One wrk load; the figures its Lua done() printed."""
+    command = [
+        "wrk",
+        f"-t{min(WRK_THREADS, connections)}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        method,
+        tag,
+        org,
+        SERVICE_KEY,
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("WRK ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no figures:\n{out}")
+    figures: dict[str, int] = json.loads(line[4:])
+    return figures
+
+
+def http_load(
+    name: str, script: Path, url: str, method: str, org: str, args: argparse.Namespace
+) -> tuple[Measured, int]:
+    """Warm-up, then the measured load; the figures and the 2xx answers of both together."""
+    tag = uuid.uuid4().hex[:8]
+    warm = wrk(script, url, method, org, f"w{tag}", args.warmup, args.connections)
+    run = wrk(script, url, method, org, f"m{tag}", args.seconds, args.connections)
+    statuses = {k: run[k] for k in ("s200", "s201", "s202", "other") if run[k]}
+    if run["errors"]:
+        statuses["socket errors"] = run["errors"]
+    measured = Measured(
+        name=name,
+        rate=run["requests"] / (run["duration_us"] / 1e6),
+        p50_ms=run["p50_us"] / 1000,
+        p99_ms=run["p99_us"] / 1000,
+        requests=run["requests"],
+        statuses=statuses,
+    )
+    ok = sum(x[k] for x in (warm, run) for k in ("s200", "s201", "s202"))
+    return measured, ok
+
+
+# --- database ----------------------------------------------------------------------------------
+
+
+def seed(conn: psycopg.Connection[Any]) -> str:
+    """An organisation with an active monthly subscription and its current cycle; its id."""
+    tag = uuid.uuid4().hex[:10]
+    user = conn.execute(
+        "insert into auth.users (id, email) values (gen_random_uuid(), %s) returning id",
+        (f"bench-{tag}@example.com",),
+    ).fetchone()
+    assert user is not None
+    row = conn.execute(
+        """
+        with org as (
+          insert into public.organisations (name, owner_id, stripe_customer_id)
+          values ('Bench Voice', %(user)s, %(customer)s) returning id
+        ), plan as (
+          insert into public.billing_plans (name, included_minutes, monthly_price_cents,
+            overage_rate_cents, stripe_price_id, stripe_metered_price_id)
+          values (%(plan)s, 500, 20400, 50, %(price)s, %(metered)s) returning id
+        ), sub as (
+          insert into public.subscriptions (organisation_id, plan_id, stripe_subscription_id,
+            stripe_customer_id, status, billing_period, current_period_start, current_period_end,
+            stripe_metered_price_id)
+          select org.id, plan.id, %(sub)s, %(customer)s, 'active', 'monthly',
+            now() - interval '3 days', now() - interval '3 days' + interval '1 month',
+            %(metered)s
+            from org, plan returning id, organisation_id, current_period_start, current_period_end
+        )
+        insert into public.billing_cycles (organisation_id, subscription_id, period_start,
+          period_end, included_minutes, overage_rate_cents, stripe_metered_price_id)
+        select organisation_id, id, current_period_start, current_period_end, 500, 50, %(metered)s
+          from sub
+        returning organisation_id
+        """,
+        {
+            "user": user[0],
+            "customer": f"cus_bench{tag}",
+            "plan": f"Bench {tag}",
+            "price": f"price_bench_{tag}",
+            "metered": f"price_bench_metered_{tag}",
+            "sub": f"sub_bench{tag}",
+        },
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+FLOOR_SQL = """
+create schema bench_floor;
+create table bench_floor.usage (
+  organisation_id uuid not null,
+  call_id text not null,
+  duration_seconds numeric not null,
+  primary key (organisation_id, call_id)
+);
+create table bench_floor.totals (
+  organisation_id uuid primary key,
+  minutes_used bigint not null default 0
+);
+-- The floor: record a call once (idempotent insert) and add its minutes (atomic increment).
+create function bench_floor.record(p_org_id uuid, p_call_id text, p_duration_seconds numeric)
+returns jsonb language plpgsql set search_path = '' as $$
+declare
+  v_minutes bigint;
+begin
+  insert into bench_floor.usage (organisation_id, call_id, duration_seconds)
+  values (p_org_id, p_call_id, p_duration_seconds)
+  on conflict do nothing;
+  if not found then
+    return jsonb_build_object('duplicate', true);
+  end if;
+  update bench_floor.totals t
+     set minutes_used = t.minutes_used + (ceil(p_duration_seconds)::integer + 59) / 60
+   where t.organisation_id = p_org_id
+  returning t.minutes_used into v_minutes;
+  return jsonb_build_object('duplicate', false, 'minutes_used', v_minutes);
+end
+$$;
+"""
+
+FLOOR_CALL = (
+    "select bench_floor.record(p_org_id => '{org}'::uuid,"
+    " p_call_id => gen_random_uuid()::text, p_duration_seconds => 61)"
+)
+RECORD_USAGE_CALL = (
+    "select public.record_usage(p_org_id => '{org}'::uuid,"
+    " p_call_id => gen_random_uuid()::text, p_duration_seconds => 61,"
+    " p_ended_at => null, p_lease_seconds => 3600)"
+)
+
+
+def commits(url: str) -> int:
+    """Transactions committed in the database so far, once no other client is connected.
+
+    A backend publishes its statistics when it exits (while it idles, only every 10 s), so this
+    reads after the function's connections are gone. The read itself adds one commit.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        others = (
+            "select count(*) from pg_stat_activity where datname = current_database()"
+            " and backend_type = 'client backend' and pid <> pg_backend_pid()"
+        )
+        deadline = time.monotonic() + 10
+        while conn.execute(others).fetchone() != (0,) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        conn.execute("select pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "select xact_commit from pg_stat_database where datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def sql_load(name: str, url: str, statement: str, args: argparse.Namespace, work: Path) -> Measured:
+    """`statement` (one autocommit call) from `connections` clients: pgbench, else Python threads."""
+    if shutil.which("pgbench"):
+        return pgbench_load(name, url, statement, args, work)
+    return python_load(name, url, statement, args)
+
+
+def pgbench_load(
+    name: str, url: str, statement: str, args: argparse.Namespace, work: Path
+) -> Measured:
+    script = work / f"{name.split()[0]}.sql"
+    script.write_text(statement + ";\n")
+    common = ["pgbench", "-n", "-M", "prepared", "-f", str(script)]
+    common += ["-c", str(args.connections), "-j", str(WRK_THREADS)]
+    subprocess.run([*common, "-T", f"{max(1, round(args.warmup))}", url], capture_output=True)
+    logs = work / f"log-{uuid.uuid4().hex[:6]}"
+    logs.mkdir()
+    out = subprocess.run(
+        [
+            *common,
+            "-T",
+            f"{max(1, round(args.seconds))}",
+            "-l",
+            "--log-prefix",
+            str(logs / "tx"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    latencies = [
+        int(line.split()[2]) / 1e6
+        for log in logs.iterdir()
+        for line in log.read_text().splitlines()
+        if line.strip()
+    ]
+    measured = summarise(name, latencies, float(tps.group(1)) if tps else 0.0)
+    measured.notes.append(f"pgbench, {args.connections} clients, prepared")
+    return measured
+
+
+def python_load(name: str, url: str, statement: str, args: argparse.Namespace) -> Measured:
+    def run(seconds: float) -> tuple[list[float], float]:
+        latencies: list[float] = []
+        lock = threading.Lock()
+        conns = [
+            psycopg.connect(url, autocommit=True, prepare_threshold=0)
+            for _ in range(args.connections)
+        ]
+        deadline = time.monotonic() + seconds
+
+        def client(conn: psycopg.Connection[Any]) -> None:
+            mine = []
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                conn.execute(statement.encode()).fetchone()
+                mine.append(time.perf_counter() - started)
+            with lock:
+                latencies.extend(mine)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in conns]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        for conn in conns:
+            conn.close()
+        return latencies, elapsed
+
+    run(args.warmup)
+    latencies, elapsed = run(args.seconds)
+    measured = summarise(name, latencies, len(latencies) / elapsed)
+    measured.notes.append(f"Python loop, {args.connections} threads (pgbench not found)")
+    return measured
+
+
+def summarise(name: str, latencies: list[float], rate: float) -> Measured:
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    return Measured(name, rate, cuts[49] * 1000, cuts[98] * 1000, len(latencies))
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="each measured load")
+    parser.add_argument("--warmup", type=float, default=2.0, help="each warm-up before it")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections / SQL clients")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install wrk (Debian's package), then run this again")
+        return 2
+
+    started = time.monotonic()
+    results: dict[str, Measured] = {}
+    with tempfile.TemporaryDirectory(prefix="mb-bench-") as tmp:
+        work = Path(tmp)
+        script = work / "load.lua"
+        script.write_text(WRK_SCRIPT)
+        bare_source = work / "bare" / "main.py"
+        bare_source.parent.mkdir()
+        bare_source.write_text(BARE_FUNCTION)
+
+        server = pgserver.get_server(str(work / "pg"), cleanup_mode="stop")
+        try:
+            with psycopg.connect(server.get_uri(), autocommit=True) as admin:
+                admin.execute("create database bench")
+            url = server.get_uri().replace("/postgres?", "/bench?")
+            with contextlib.redirect_stdout(io.StringIO()):
+                migrate(url)
+            with psycopg.connect(url, autocommit=True) as conn:
+                orgs = {k: seed(conn) for k in ("post1", "post150", "get", "direct")}
+                conn.execute(FLOOR_SQL)
+                floor_org = str(uuid.uuid4())
+                conn.execute("insert into bench_floor.totals values (%s, 0)", (floor_org,))
+
+            # 1. The bare function: the ceiling of functions-framework on this machine.
+            def bare_ready(u: str) -> bool:
+                return httpx.post(u, json={"ping": 1}, timeout=2).status_code == 201
+
+            with function_server(bare_source, "bare", {}, bare_ready) as (bare_url, _):
+                results["bare"], _ = http_load(
+                    "bare JSON function", script, bare_url, "POST", orgs["post1"], args
+                )
+
+            # 2, 3. report-usage POST with Stripe at 1 ms and at 150 ms; 4. GET.
+            source = ROOT / "functions" / "report-usage" / "main.py"
+            stripe_per_report: dict[str, float] = {}
+            for key, delay, method in (
+                ("post1", 0.001, "POST"),
+                ("post150", 0.150, "POST"),
+                ("get", 0.001, "GET"),
+            ):
+                org = orgs[key]
+
+                def ready(u: str, org: str = org) -> bool:
+                    answer = httpx.get(u, params={"org_id": org}, headers=auth(), timeout=2)
+                    return answer.status_code == 200
+
+                base = commits(url)
+                with stripe_stub(delay) as (stripe_url, stub):
+                    env = {
+                        "DATABASE_URL": url,
+                        "STRIPE_SECRET_KEY": "sk_test_bench0metered0billing",
+                        "STRIPE_API_BASE": stripe_url,
+                        "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+                    }
+                    with function_server(source, "report_usage", env, ready) as (fn_url, checks):
+                        target = fn_url if method == "POST" else f"{fn_url}?org_id={org}"
+                        label = (
+                            f"report-usage POST, Stripe {delay * 1000:g} ms"
+                            if method == "POST"
+                            else "report-usage GET"
+                        )
+                        measured, answered = http_load(label, script, target, method, org, args)
+                    stripe_requests = sum(stub.counts.values())
+                    paths = dict(stub.counts)
+                # Each readiness GET is one commit (usage_summary) and the base read another.
+                trips = commits(url) - base - 1 - checks
+                if method == "GET":
+                    measured.notes.append(f"DB commits {trips / max(answered, 1):.2f} per request")
+                else:
+                    # Counted in the database: wrk stops with up to `connections` requests in
+                    # flight, which the function still records (and sends to Stripe).
+                    with psycopg.connect(url, autocommit=True) as conn:
+                        row = conn.execute(
+                            "select c.minutes_used, (select count(*) from public.usage_records u"
+                            " where u.organisation_id = c.organisation_id)"
+                            " from public.billing_cycles c where c.organisation_id = %s",
+                            (org,),
+                        ).fetchone()
+                    assert row is not None
+                    minutes, recorded = row
+                    per = stripe_requests / max(recorded, 1)
+                    stripe_per_report[key] = per
+                    measured.notes += [
+                        f"DB commits {trips / max(recorded, 1):.2f} per report",
+                        f"Stripe requests {per:.3f} per report ({stripe_requests} for {recorded}"
+                        f" recorded: {paths})",
+                        f"totals check: minutes {minutes} = 2 x {recorded} recorded >= {answered}"
+                        f" answered: {'ok' if minutes == 2 * recorded >= 2 * answered else 'MISMATCH'}",
+                    ]
+                results[key] = measured
+
+            # 5, 6. The SQL floor and record_usage, called directly by the same method.
+            results["floor"] = sql_load(
+                "SQL floor (insert + increment)", url, FLOOR_CALL.format(org=floor_org), args, work
+            )
+            results["record_usage"] = sql_load(
+                "public.record_usage direct",
+                url,
+                RECORD_USAGE_CALL.format(org=orgs["direct"]),
+                args,
+                work,
+            )
+        finally:
+            server.cleanup()
+
+    report(results, stripe_per_report, args, time.monotonic() - started)
+    return 0
+
+
+def report(
+    results: dict[str, Measured],
+    stripe_per_report: dict[str, float],
+    args: argparse.Namespace,
+    elapsed: float,
+) -> None:
+    cores = os.cpu_count()
+    print(
+        f"Hot path, one run on this machine ({cores} cores): functions-framework default gunicorn,"
+        f" wrk {args.connections} connections x {args.seconds:g} s after {args.warmup:g} s warm-up"
+    )
+    print(f"  {'':34} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9}")
+    for measured in results.values():
+        print(
+            f"  {measured.name:34} {measured.rate:8.0f} {measured.p50_ms:8.1f}"
+            f" {measured.p99_ms:8.1f} {measured.requests:9d}  {measured.statuses or ''}"
+        )
+        for note in measured.notes:
+            print(f"  {'':36}{note}")
+
+    bare, slow, floor, direct = (
+        results["bare"],
+        results["post150"],
+        results["floor"],
+        results["record_usage"],
+    )
+    rate_ratio = slow.rate / bare.rate
+    p50_ratio = slow.p50_ms / bare.p50_ms
+    sql_ratio = direct.rate / floor.rate
+    per_report = stripe_per_report["post150"]
+
+    def verdict(ok: bool) -> str:
+        return "target met" if ok else "not met"
+
+    print("Ratios and targets (issue 12)")
+    print(
+        f"  report-usage POST (Stripe 150 ms) / bare   {rate_ratio:5.2f}"
+        f"  (>= {POST_RATE_TARGET})  {verdict(rate_ratio >= POST_RATE_TARGET)}"
+    )
+    print(
+        f"  its p50 / bare p50                         {p50_ratio:5.2f}"
+        f"  (<= {POST_P50_TARGET:g})    {verdict(p50_ratio <= POST_P50_TARGET)}"
+    )
+    print(
+        f"  record_usage / SQL floor                   {sql_ratio:5.2f}"
+        f"  (>= {SQL_TARGET})  {verdict(sql_ratio >= SQL_TARGET)}"
+    )
+    print(
+        f"  Stripe requests per report (150 ms)        {per_report:5.3f}"
+        f" (<= 1/50) {verdict(per_report <= STRIPE_PER_REPORT_TARGET)}"
+    )
+    print(f"  report-usage POST (Stripe 1 ms) / bare     {results['post1'].rate / bare.rate:5.2f}")
+    print(f"  report-usage GET / bare                    {results['get'].rate / bare.rate:5.2f}")
+    print(f"Whole run {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
