@@ -35,7 +35,7 @@ from jose import jwt
 
 from ops.catalog import ROOT, ensure_portal_configuration, load_plans, sync_catalog
 from ops.migrate import migrate
-from ops.webhook import DESTINATION_NAME, THIN_EVENTS, find_thin_destination
+from ops.webhook import create_thin_destination, find_thin_destination
 from shared.settings import Settings
 from shared.stripe_api import make_stripe_client
 
@@ -84,21 +84,8 @@ def thin_destination_secret(settings: Settings, url: str, data: Path) -> str:
         return known[url]["secret"]
     if found is not None:
         client.v2.core.event_destinations.disable(found.id)
-    created = client.v2.core.event_destinations.create(
-        params={
-            "name": DESTINATION_NAME,
-            "description": "Stripe's verdicts on meter events, for stripe-webhook-handler",
-            "type": "webhook_endpoint",
-            "event_payload": "thin",
-            "enabled_events": list(THIN_EVENTS),
-            "webhook_endpoint": {"url": url},
-            "include": ["webhook_endpoint.signing_secret", "webhook_endpoint.url"],
-        }
-    )
-    secret = created.webhook_endpoint.signing_secret if created.webhook_endpoint else None
-    if not secret:
-        raise RuntimeError(f"the thin-event destination {created.id} came without its secret")
-    known[url] = {"destination": created.id, "secret": secret}
+    created, secret = create_thin_destination(client, url)
+    known[url] = {"destination": created, "secret": secret}
     path.write_text(json.dumps(known, indent=2))
     path.chmod(0o600)
     return secret

@@ -97,22 +97,31 @@ def ensure_endpoint(client: stripe.StripeClient, url: str) -> None:
         print(f"webhook {endpoint.id}: already registered for {url}")
 
 
+def create_thin_destination(client: stripe.StripeClient, url: str) -> tuple[str, str]:
+    """A new thin-event destination delivering to `url`: (its id, its signing secret), which
+    Stripe shows only now."""
+    created = client.v2.core.event_destinations.create(
+        params={
+            "name": DESTINATION_NAME,
+            "description": "Stripe's verdicts on meter events, for stripe-webhook-handler",
+            "type": "webhook_endpoint",
+            "event_payload": "thin",
+            "enabled_events": list(THIN_EVENTS),
+            "webhook_endpoint": {"url": url},
+            "include": ["webhook_endpoint.signing_secret", "webhook_endpoint.url"],
+        }
+    )
+    secret = created.webhook_endpoint.signing_secret if created.webhook_endpoint else None
+    if not secret:
+        raise RuntimeError(f"the thin-event destination {created.id} came without its secret")
+    return str(created.id), str(secret)
+
+
 def ensure_thin_destination(client: stripe.StripeClient, url: str) -> None:
     destination = find_thin_destination(client, url)
     if destination is None:
-        created = client.v2.core.event_destinations.create(
-            params={
-                "name": DESTINATION_NAME,
-                "description": "Stripe's verdicts on meter events, for stripe-webhook-handler",
-                "type": "webhook_endpoint",
-                "event_payload": "thin",
-                "enabled_events": list(THIN_EVENTS),
-                "webhook_endpoint": {"url": url},
-                "include": ["webhook_endpoint.signing_secret", "webhook_endpoint.url"],
-            }
-        )
-        secret = created.webhook_endpoint.signing_secret if created.webhook_endpoint else None
-        print(f"thin-event destination {created.id}: created for {url}")
+        created, secret = create_thin_destination(client, url)
+        print(f"thin-event destination {created}: created for {url}")
         print(
             "its signing secret (shown once; add it to STRIPE_WEBHOOK_SECRET, comma-separated"
             f" after the webhook endpoint's): {secret}"

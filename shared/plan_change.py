@@ -133,13 +133,15 @@ def upgrade(
             "The payment for the upgrade was declined; the subscription stays on its plan."
             " Update the payment method (Manage billing) and try again.",
         )
+    # Applied at Stripe: recorded so before our copy is updated, so that a failure applying it
+    # (the webhook applies it then) never leaves the claim saying the change failed.
+    finish(database, claim, "applied")
     apply_state(
         Fetched(updated.to_dict(), changed_at),
         database=database,
         actor=ACTOR,
         changed_at=changed_at,
     )
-    finish(database, claim, "applied")
     return answer(
         claim["subscription"], target["plan_id"], target["billing_period"], "now", changed_at
     )

@@ -17,7 +17,8 @@ import pytest
 
 from ops import reconcile as ops_reconcile
 from shared.db import get_database
-from shared.reconcile import Usage, pick, reconcile
+from shared.drift import Usage, pick
+from shared.reconcile import reconcile
 from shared.settings import get_settings
 from shared.stripe_api import make_stripe_client
 from tests.test_deploy import deploy
