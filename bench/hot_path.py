@@ -63,6 +63,7 @@ POST_RATE_TARGET = 0.6  # report-usage POST (Stripe at 150 ms) / bare function, 
 POST_P50_TARGET = 2.0  # its p50 / the bare function's p50, at most
 SQL_TARGET = 0.6  # record_usage / SQL floor, at least
 STRIPE_PER_REPORT_TARGET = 1 / 50  # Stripe requests per report at sustained load, at most
+COLD_TARGET = 2.0  # a function's cold start / the bare function's, at most
 
 BARE_FUNCTION = '''\
 import flask
@@ -314,6 +315,77 @@ def http_load(
     return measured, ok
 
 
+# --- cold start --------------------------------------------------------------------------------
+
+# function directory -> (entry point, method, expected status of a first request without
+# credentials or with the service key): a request each answers through its whole app.
+COLD_FUNCTIONS = {
+    "report-usage": ("report_usage", "GET", 200),
+    "stripe-webhook-handler": ("stripe_webhook_handler", "POST", 400),
+    "create-checkout-session": ("create_checkout_session", "POST", 401),
+    "create-portal-session": ("create_portal_session", "POST", 401),
+    "change-plan": ("change_plan", "POST", 401),
+    "billing-overview": ("billing_overview", "GET", 401),
+}
+
+
+def cold_start(
+    source: Path, target: str, env: dict[str, str], first: Callable[[str], int], expected: int
+) -> float:
+    """Seconds from starting functions-framework to the answer of its first request: the
+    import of the function (and everything it loads at start) plus that request."""
+    port = free_port()
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
+    command = [
+        str(Path(sys.executable).parent / "functions-framework"),
+        *("--source", str(source), "--target", target, "--host", "127.0.0.1"),
+        *("--port", str(port)),
+    ]
+    url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env={**base_env, **env}, cwd=ROOT)
+    try:
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                status = first(url)
+                if status != expected:
+                    raise SystemExit(f"{target}: first request answered {status}, not {expected}")
+                return time.perf_counter() - started
+            if process.poll() is not None or time.perf_counter() - started > 60:
+                raise SystemExit(f"{target} did not start under functions-framework")
+            time.sleep(0.005)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def cold_starts(bare_source: Path, env: dict[str, str], org: str, runs: int) -> dict[str, float]:
+    """The median cold start of the bare function and of each function, alternating runs."""
+
+    def bare(u: str) -> int:
+        return httpx.post(u, json={"ping": 1}, timeout=5).status_code
+
+    def probe(method: str) -> Callable[[str], int]:
+        def first(u: str) -> int:
+            if method == "GET":
+                return httpx.get(u, params={"org_id": org}, headers=auth(), timeout=5).status_code
+            return httpx.post(u, json={}, timeout=5).status_code
+
+        return first
+
+    times: dict[str, list[float]] = {"bare": []}
+    for _ in range(runs):
+        times["bare"].append(cold_start(bare_source, "bare", {}, bare, 201))
+        for name, (target, method, expected) in COLD_FUNCTIONS.items():
+            source = ROOT / "functions" / name / "main.py"
+            took = cold_start(source, target, env, probe(method), expected)
+            times.setdefault(name, []).append(took)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 # --- database ----------------------------------------------------------------------------------
 
 
@@ -401,9 +473,25 @@ FLOOR_CALL = (
 )
 RECORD_USAGE_CALL = (
     "select public.record_usage(p_org_id => '{org}'::uuid,"
-    " p_call_id => gen_random_uuid()::text, p_duration_seconds => 61,"
-    " p_ended_at => null, p_lease_seconds => 3600)"
+    " p_call_id => gen_random_uuid()::text, p_duration_seconds => 61, p_ended_at => null)"
 )
+
+
+def wait_delivered(url: str, org: str, timeout: float = 90.0) -> float:
+    """Seconds until none of `org`'s meter events is pending (SystemExit after `timeout`)."""
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "select count(*) from public.usage_records"
+                " where organisation_id = %s and meter_status = 'pending'",
+                (org,),
+            ).fetchone()
+            if row == (0,):
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise SystemExit(f"{row[0] if row else '?'} meter events still pending")
+            time.sleep(0.1)
 
 
 def commits(url: str) -> int:
@@ -522,6 +610,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="each measured load")
     parser.add_argument("--warmup", type=float, default=2.0, help="each warm-up before it")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections / SQL clients")
+    parser.add_argument("--cold-runs", type=int, default=3, help="cold starts of each function")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install wrk (Debian's package), then run this again")
@@ -589,6 +678,13 @@ def main() -> int:
                             else "report-usage GET"
                         )
                         measured, answered = http_load(label, script, target, method, org, args)
+                        if method == "POST":
+                            # Queued events reach the stub through the function's own flusher.
+                            drained = wait_delivered(url, org)
+                            measured.notes.append(
+                                f"every queued meter event on the stub {drained:.1f} s after"
+                                " the load ended"
+                            )
                     stripe_requests = sum(stub.counts.values())
                     paths = dict(stub.counts)
                 # Each readiness GET is one commit (usage_summary) and the base read another.
@@ -609,8 +705,11 @@ def main() -> int:
                     minutes, recorded = row
                     per = stripe_requests / max(recorded, 1)
                     stripe_per_report[key] = per
+                    batches = paths.get("/v2/billing/meter_event_stream", 0)
                     measured.notes += [
-                        f"DB commits {trips / max(recorded, 1):.2f} per report",
+                        f"DB commits {trips / max(recorded, 1):.2f} per report: 1 recording it,"
+                        f" {2 * batches / max(recorded, 1):.2f} its share of the flush's"
+                        f" {batches} claims and {batches} outcomes",
                         f"Stripe requests {per:.3f} per report ({stripe_requests} for {recorded}"
                         f" recorded: {paths})",
                         f"totals check: minutes {minutes} = 2 x {recorded} recorded >= {answered}"
@@ -629,16 +728,29 @@ def main() -> int:
                 args,
                 work,
             )
+            # 7. Cold starts, the bare function's and each function's.
+            with stripe_stub(0.001) as (stripe_url, _):
+                env = {
+                    "DATABASE_URL": url,
+                    "STRIPE_SECRET_KEY": "sk_test_bench0metered0billing",
+                    "STRIPE_API_BASE": stripe_url,
+                    "STRIPE_WEBHOOK_SECRET": "whsec_bench0metered0billing",
+                    "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+                    "SUPABASE_JWT_SECRET": "bench-jwt-secret-0123456789abcdef0123456789",
+                    "WEBSITE_URL": "http://127.0.0.1:5173",
+                }
+                cold = cold_starts(bare_source, env, orgs["get"], args.cold_runs)
         finally:
             server.cleanup()
 
-    report(results, stripe_per_report, args, time.monotonic() - started)
+    report(results, stripe_per_report, cold, args, time.monotonic() - started)
     return 0
 
 
 def report(
     results: dict[str, Measured],
     stripe_per_report: dict[str, float],
+    cold: dict[str, float],
     args: argparse.Namespace,
     elapsed: float,
 ) -> None:
@@ -689,6 +801,14 @@ def report(
     )
     print(f"  report-usage POST (Stripe 1 ms) / bare     {results['post1'].rate / bare.rate:5.2f}")
     print(f"  report-usage GET / bare                    {results['get'].rate / bare.rate:5.2f}")
+    print(
+        f"Cold start: start of functions-framework to the first answer, median of"
+        f" {args.cold_runs} (target: at most {COLD_TARGET:g}x the bare function's)"
+    )
+    for name, took in cold.items():
+        ratio = took / cold["bare"]
+        mark = "" if name == "bare" else f"  {ratio:4.2f}x  {verdict(ratio <= COLD_TARGET)}"
+        print(f"  {name:34} {took * 1000:6.0f} ms{mark}")
     print(f"Whole run {elapsed:.0f} s")
 
 

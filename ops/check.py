@@ -22,12 +22,12 @@ import psycopg
 import stripe
 
 from ops.catalog import ROOT, load_plans, same_price, tiers_of, wanted_prices
+from ops.cloud_functions import FLUSH_JOB
 from ops.errors import reach_database, reach_stripe, run
 from ops.webhook import HANDLED_EVENTS, THIN_EVENTS, find_endpoint, find_thin_destination
 from shared.settings import Settings
 from shared.stripe_api import API_VERSION, make_stripe_client
 
-FLUSH_JOB = "metered-billing-flush-usage"
 PRICE_KINDS = (
     ("monthly", "stripe_price_id"),
     ("yearly", "stripe_yearly_price_id"),

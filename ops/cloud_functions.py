@@ -4,12 +4,17 @@ Usage: python -m ops.cloud_functions [--dry-run]
 Needs GCP_PROJECT (and optionally GCP_REGION, default europe-west1) and the gcloud CLI, signed in.
 Secrets come from Secret Manager, one secret per variable with the variable's own name
 (`gcloud secrets create STRIPE_SECRET_KEY --data-file=-`); plain settings from the environment.
+
+Then the flush schedule: a Cloud Scheduler job (FLUSH_JOB) that POSTs report-usage's flush action
+every minute with the service key (read from Secret Manager), so queued meter events reach Stripe
+within a minute also while no report arrives. Created once, updated on every later run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLES = ROOT / ".local" / "bundles"
 GCLOUD = os.environ.get("GCLOUD", "gcloud")
+FLUSH_JOB = "metered-billing-flush-usage"
+# JSON, so report-usage takes it (any other media type is refused with 415).
+FLUSH_BODY = '{"action": "flush", "limit": 10000}'
 
 # function directory -> (entry point, secrets it reads, plain variables it reads)
 FUNCTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
@@ -37,6 +45,11 @@ FUNCTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         ("DATABASE_URL", "STRIPE_SECRET_KEY", "SUPABASE_JWT_SECRET"),
         ("WEBSITE_URL", "SUPABASE_URL"),
     ),
+    "billing-overview": (
+        "billing_overview",
+        ("DATABASE_URL", "SUPABASE_JWT_SECRET"),
+        ("WEBSITE_URL", "SUPABASE_URL"),
+    ),
     "stripe-webhook-handler": (
         "stripe_webhook_handler",
         ("DATABASE_URL", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"),
@@ -45,7 +58,7 @@ FUNCTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "report-usage": (
         "report_usage",
         ("DATABASE_URL", "STRIPE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET"),
-        ("SUPABASE_URL", "STRIPE_METER_EVENT_NAME"),
+        ("SUPABASE_URL", "STRIPE_METER_EVENT_NAME", "METER_FLUSH_DELAY_SECONDS"),
     ),
 }
 
@@ -67,7 +80,7 @@ def bundle(name: str) -> Path:
 def deploy_command(name: str, source: Path, project: str, region: str) -> list[str]:
     entry_point, secrets, plain = FUNCTIONS[name]
     command = [
-        "gcloud",
+        GCLOUD,
         "functions",
         "deploy",
         name,
@@ -85,6 +98,92 @@ def deploy_command(name: str, source: Path, project: str, region: str) -> list[s
     if values:
         command.append("--set-env-vars=" + ",".join(f"{k}={v}" for k, v in values.items()))
     return command
+
+
+def function_url(name: str, project: str, region: str) -> str:
+    """The deployed function's HTTPS URL, as gcloud reports it."""
+    done = subprocess.run(
+        [
+            GCLOUD,
+            "functions",
+            "describe",
+            name,
+            "--gen2",
+            f"--project={project}",
+            f"--region={region}",
+            "--format=value(serviceConfig.uri)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def service_key(project: str) -> str:
+    """SUPABASE_SERVICE_ROLE_KEY from the environment, else from Secret Manager."""
+    if os.environ.get("SUPABASE_SERVICE_ROLE_KEY"):
+        return os.environ["SUPABASE_SERVICE_ROLE_KEY"]
+    done = subprocess.run(
+        [
+            GCLOUD,
+            "secrets",
+            "versions",
+            "access",
+            "latest",
+            "--secret=SUPABASE_SERVICE_ROLE_KEY",
+            f"--project={project}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def schedule_command(verb: str, url: str, key: str, project: str, region: str) -> list[str]:
+    """`gcloud scheduler jobs create|update http` for the flush, every minute, UTC."""
+    headers = f"Content-Type=application/json,Authorization=Bearer {key}"
+    return [
+        GCLOUD,
+        "scheduler",
+        "jobs",
+        verb,
+        "http",
+        FLUSH_JOB,
+        f"--project={project}",
+        f"--location={region}",
+        "--schedule=* * * * *",
+        "--time-zone=Etc/UTC",
+        f"--uri={url}",
+        "--http-method=POST",
+        f"--message-body={FLUSH_BODY}",
+        "--attempt-deadline=120s",
+        ("--headers=" if verb == "create" else "--update-headers=") + headers,
+    ]
+
+
+def schedule_flush(project: str, region: str, *, dry_run: bool) -> None:
+    """Create the flush job, or bring an existing one up to date."""
+    if dry_run:
+        url = f"https://{region}-{project}.cloudfunctions.net/report-usage"
+        command = schedule_command("create", url, "[SUPABASE_SERVICE_ROLE_KEY]", project, region)
+        print("would run: " + shlex.join(command))
+        return
+    url, key = function_url("report-usage", project, region), service_key(project)
+    created = subprocess.run(
+        schedule_command("create", url, key, project, region), capture_output=True, text=True
+    )
+    if created.returncode != 0:
+        if "ALREADY_EXISTS" not in created.stderr:
+            sys.exit(f"could not create the flush schedule: {created.stderr.strip()[-300:]}")
+        subprocess.run(
+            schedule_command("update", url, key, project, region),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    print(f"scheduled {FLUSH_JOB}: POST {url} every minute")
 
 
 def main() -> None:
@@ -105,6 +204,7 @@ def main() -> None:
         print(f"deploying {name} ...", flush=True)
         subprocess.run(command, check=True)
         print(f"deployed {name}")
+    schedule_flush(project, region, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Deliver pending meter events to Stripe, one bounded batch; safe to schedule and to overlap.
+"""Deliver due meter events to Stripe in batches; safe to schedule and to overlap.
 
 Usage: python -m ops.flush_usage [--limit N]   (reads DATABASE_URL or SUPABASE_URL +
 SUPABASE_SERVICE_ROLE_KEY, STRIPE_SECRET_KEY)
@@ -11,9 +11,10 @@ import argparse
 
 from ops.errors import reach_database, reach_stripe, run
 from shared.db import get_database
+from shared.meter_flush import MeterStream, flush
 from shared.settings import get_settings
 from shared.stripe_api import make_stripe_client
-from shared.usage import DEFAULT_FLUSH_LIMIT, flush_meter_events
+from shared.usage import DEFAULT_FLUSH_LIMIT, MAX_FLUSH_LIMIT
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,15 +23,16 @@ def main(argv: list[str] | None = None) -> None:
         "--limit",
         type=int,
         default=DEFAULT_FLUSH_LIMIT,
-        choices=range(1, 1001),
+        choices=range(1, MAX_FLUSH_LIMIT + 1),
         metavar="N",
-        help=f"most events to deliver in this run, 1-1000 (default {DEFAULT_FLUSH_LIMIT})",
+        help=f"most events to deliver in this run, 1-{MAX_FLUSH_LIMIT} (default {DEFAULT_FLUSH_LIMIT})",
     )
     args = parser.parse_args(argv)
     settings = get_settings().require("STRIPE_SECRET_KEY").require_database()
     reach_database(settings.DATABASE_URL)
     client = make_stripe_client(settings)
-    report = flush_meter_events(get_database(settings), client, settings, limit=args.limit)
+    stream = MeterStream(client, settings)
+    report = flush(get_database(settings), stream, limit=args.limit)
     print(
         f"meter events: sent {report.sent}, kept pending {report.pending}, failed {report.failed}"
     )

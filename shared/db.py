@@ -11,6 +11,7 @@ hint = '<code>'`: nnn is the HTTP status and the hint the stable error code.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from typing import Any, Protocol
@@ -18,7 +19,6 @@ from typing import Any, Protocol
 import httpx
 import psycopg
 import psycopg_pool
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from shared.errors import BillingError, Unavailable, error_for_status
@@ -65,13 +65,7 @@ class PostgresDatabase:
         self.pool.open(wait=False)
 
     def call(self, function: str, **params: Any) -> Any:
-        query = sql.SQL("select public.{}({})").format(
-            sql.Identifier(_check_name(function)),
-            sql.SQL(", ").join(
-                sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
-                for name in params
-            ),
-        )
+        query = _call_query(function, tuple(params))
         values = {name: _adapt(value) for name, value in params.items()}
         try:
             with self.pool.connection() as conn:
@@ -124,6 +118,14 @@ class SupabaseDatabase:
         except httpx.HTTPError as exc:
             raise Unavailable("The database is unavailable; try again shortly.") from exc
         return response.data
+
+
+@functools.lru_cache(maxsize=256)
+def _call_query(function: str, names: tuple[str, ...]) -> str:
+    """`select public.f(a => %(a)s, ...)`, built once per function and argument names (every
+    name matches [a-z_][a-z0-9_]*, so none needs quoting)."""
+    arguments = ", ".join(f"{_check_name(name)} => %({name})s" for name in names)
+    return f"select public.{_check_name(function)}({arguments})"
 
 
 def _adapt(value: Any) -> Any:

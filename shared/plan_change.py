@@ -28,8 +28,10 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from shared.auth import Caller
 from shared.db import Database
 from shared.errors import PaymentRequired, Unprocessable
+from shared.meter_flush import MeterStream, flush
 from shared.stripe_api import stripe_errors
 from shared.subscriptions import ENDED_STATUSES, Fetched, apply_state, fetch_subscription, stripe_id
+from shared.usage import MAX_FLUSH_LIMIT
 
 ACTOR = "change-plan"
 
@@ -65,6 +67,7 @@ def change_plan(
     *,
     database: Database,
     stripe_client: stripe.StripeClient,
+    meter_stream: MeterStream | None = None,
 ) -> dict[str, Any]:
     """The answer of POST change-plan (403/404/409/422; 402 when an upgrade's payment fails)."""
     claim: dict[str, Any] = database.call(
@@ -86,6 +89,15 @@ def change_plan(
         )
     steps = {"upgrade": upgrade, "downgrade": schedule_downgrade, "cancel_pending": release_pending}
     try:
+        if claim["kind"] == "upgrade" and meter_stream is not None:
+            # The usage so far reaches Stripe before its price changes, which bills it at the
+            # old price (a call still queued would be billed as Stripe finds its timestamp).
+            flush(
+                database,
+                meter_stream,
+                limit=MAX_FLUSH_LIMIT,
+                organisation_id=claim["organisation_id"],
+            )
         return steps[claim["kind"]](claim, database=database, stripe_client=stripe_client)
     except PaymentRequired as declined:
         finish(database, claim, "payment_failed", error=declined.message)

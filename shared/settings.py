@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     STRIPE_PORTAL_CONFIGURATION_ID: str | None = None
     WEBSITE_URL: str | None = None
     DATABASE_POOL_SIZE: int = Field(default=10, ge=1, le=100)
+    # report-usage flushes queued meter events after this many seconds (or 100 events); 0: only
+    # the scheduled flush sends them.
+    METER_FLUSH_DELAY_SECONDS: float = Field(default=5.0, ge=0, le=50)
 
     def require(self, *names: str) -> Settings:
         """Stop start-up with a message naming the first missing or placeholder variable."""

@@ -27,7 +27,9 @@ def make_stripe_client(
     """A StripeClient over httpx (visible to respx), honouring STRIPE_API_BASE and the timeout."""
     settings.require("STRIPE_SECRET_KEY")
     assert settings.STRIPE_SECRET_KEY is not None
-    base = {"api": settings.STRIPE_API_BASE.rstrip("/")} if settings.STRIPE_API_BASE else None
+    # A stand-in serves the meter event stream too (Stripe serves it from its own host).
+    local = settings.STRIPE_API_BASE.rstrip("/") if settings.STRIPE_API_BASE else None
+    base = {"api": local, "meter_events": local} if local else None
     return stripe.StripeClient(
         settings.STRIPE_SECRET_KEY,
         stripe_version=API_VERSION,

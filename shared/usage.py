@@ -1,21 +1,22 @@
-"""Usage: record each call's minutes once, read the current cycle, deliver meter events to Stripe.
+"""Usage: record each call's minutes once, read the current cycle, send one meter event.
 
-The usage row, the cycle totals, the alerts and the pending meter event are written by one SQL
-call (`record_usage`) before Stripe is called. The meter event is then an outbox row: sent once
-right away, and otherwise by `flush_meter_events`, under an identifier derived from (organisation,
-call): Stripe refuses a second event with that identifier, so any number of attempts bills the call
-once. Each attempt has its own idempotency key (identifier + attempt number): Stripe replays the
-first answer to a key for 24 hours, a 500 included, so one key for every attempt would keep a
-retried event undelivered for a day.
+A report is one SQL call (`record_usage`, one transaction): the usage row, the cycle totals, the
+alerts and the meter event, `pending` and due, for the batched flush (shared/meter_flush.py). The
+request never waits for Stripe. Every meter event carries an identifier derived from
+(organisation, call): Stripe ignores a second event with that identifier, so any number of
+attempts bills the call once.
+
+`deliver` sends one claimed event through the v1 API; reconciliation's repairs use it. Each
+attempt has its own idempotency key (identifier + attempt number): Stripe replays the first answer
+to a key for 24 hours, a 500 included, so one key for every attempt would keep a retried event
+undelivered for a day.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -25,7 +26,7 @@ import stripe
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from shared.db import Database
-from shared.errors import BillingError, Unprocessable
+from shared.errors import Unprocessable
 from shared.settings import Settings
 from shared.stripe_api import describe, is_retriable
 
@@ -33,7 +34,8 @@ log = logging.getLogger("metered_billing")
 
 MAX_CALL_SECONDS = 24 * 60 * 60
 FUTURE_TOLERANCE = timedelta(minutes=5)  # what Stripe accepts for a meter event's timestamp
-DEFAULT_FLUSH_LIMIT = 100
+DEFAULT_FLUSH_LIMIT = 1000
+MAX_FLUSH_LIMIT = 10_000
 
 Seconds = Annotated[float, Field(strict=True, ge=0, le=MAX_CALL_SECONDS, allow_inf_nan=False)]
 Outcome = Literal["sent", "retry", "unknown", "failed"]
@@ -110,7 +112,7 @@ class FlushCommand(BaseModel):
     """POST report-usage {"action": "flush"}: deliver due pending meter events."""
 
     action: Literal["flush"]
-    limit: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_FLUSH_LIMIT
+    limit: Annotated[int, Field(ge=1, le=MAX_FLUSH_LIMIT)] = DEFAULT_FLUSH_LIMIT
 
     @field_validator("limit", mode="before")
     @classmethod
@@ -131,55 +133,21 @@ class MeterEvent:
     attempt: int
 
 
-@dataclass
-class FlushReport:
-    sent: int = 0
-    pending: int = 0
-    failed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-def attempt_lease_seconds(settings: Settings) -> int:
-    """How long one delivery attempt may hold an event: a Stripe request's worst case + margin.
-
-    httpx applies the timeout to connecting, writing and reading separately.
-    """
-    return math.ceil(3 * settings.STRIPE_TIMEOUT_SECONDS) + 30
-
-
-def flush_lease_seconds(settings: Settings) -> int:
-    """How long a flush holds the events it claimed (5 minutes with the default timeout)."""
-    return 5 * attempt_lease_seconds(settings)
-
-
-def record_usage(
-    database: Database, client: stripe.StripeClient, settings: Settings, report: UsageReport
-) -> dict[str, Any]:
-    """Record the call once, then make the first attempt at its meter event; the response body."""
+def record_usage(database: Database, report: UsageReport) -> dict[str, Any]:
+    """Record the call once (one database round trip); the response body."""
     result: dict[str, Any] = database.call(
         "record_usage",
         p_org_id=str(report.org_id),
         p_call_id=report.call_id,
         p_duration_seconds=str(report.duration_seconds),
         p_ended_at=report.ended_at.isoformat() if report.ended_at else None,
-        p_lease_seconds=attempt_lease_seconds(settings),
     )
-    meter = result.pop("meter", None)
-    if meter is not None:
-        try:
-            result["meter_status"] = deliver(database, client, settings, MeterEvent(**meter))
-        except BillingError as error:
-            # Recorded and committed; only the delivery's outcome could not be saved. The event
-            # stays pending and the flush delivers it (Stripe dedupes the identifier).
-            log.warning("meter event outcome not saved: %s %s", error.code, error.message)
-            result["meter_status"] = "pending"
     return result
 
 
 def response_status(result: dict[str, Any]) -> int:
-    """200 for a repeat, 202 while the meter event waits for a retry, 201 otherwise."""
+    """200 for a repeat, 202 while its meter event is queued, 201 when it is on Stripe's meter
+    or has none to send."""
     if result["duplicate"]:
         return 200
     return 202 if result["meter_status"] == "pending" else 201
@@ -263,27 +231,3 @@ def already_recorded(error: stripe.StripeError) -> bool:
     return error.code == "resource_already_exists" or (
         "already exists" in message and "identifier" in message
     )
-
-
-def flush_meter_events(
-    database: Database,
-    client: stripe.StripeClient,
-    settings: Settings,
-    *,
-    limit: int = DEFAULT_FLUSH_LIMIT,
-) -> FlushReport:
-    """Deliver up to `limit` due pending meter events; safe to run from several places at once."""
-    lease = flush_lease_seconds(settings)
-    claimed = database.call("claim_meter_events", p_limit=limit, p_lease_seconds=lease)
-    # Stop before the lease could end mid-request: past it, another flush may claim the event.
-    deadline = time.monotonic() + lease - attempt_lease_seconds(settings)
-    report = FlushReport()
-    for event in claimed:
-        if time.monotonic() > deadline:
-            report.pending += 1  # due again when the lease ends
-            continue
-        status = deliver(database, client, settings, MeterEvent(**event))
-        report.sent += status == "sent"
-        report.pending += status == "pending"
-        report.failed += status == "failed"
-    return report

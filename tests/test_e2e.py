@@ -54,11 +54,11 @@ def _bindable(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = free_port_block(7)  # the functions at base + 1 .. 5, the stand-in at base + 6
+    base = free_port_block(8)  # web/ at base, the functions at base + 1 .. 6, the stand-in at + 7
     with running(
         tmp_path_factory.mktemp("local"),
         port_base=base,
-        stripe_port=base + 6,
+        stripe_port=base + 7,
         database_url=create_database(pg_server_url),
     ) as stack:
         yield stack
@@ -88,6 +88,8 @@ class Client:
         return body
 
     def standin(self, path: str, **body: Any) -> Any:
+        if path.endswith(("/advance", "/cancel")):
+            self.settle()
         response = self.http.post(f"{self.stack.stripe_base}/_standin/{path}", json=body)
         assert response.status_code == 200, response.text
         result = response.json()
@@ -107,7 +109,8 @@ class Client:
         by_id["checkout_orders"] = state["checkout_orders"]
         return by_id
 
-    def report(self, org: str, call_id: str, seconds: float, expect: int = 201) -> Any:
+    def report(self, org: str, call_id: str, seconds: float, expect: int = 202) -> Any:
+        """A report; a first one answers 202 (recorded, its meter event queued)."""
         return self.call(
             "report-usage",
             "POST",
@@ -115,6 +118,44 @@ class Client:
             headers=self.service,
             json={"org_id": org, "call_id": call_id, "call_duration_seconds": seconds},
         )
+
+    def settle(self) -> None:
+        """What the hour before a period's invoice does in production: the scheduled flush (or
+        report-usage's own) delivers every queued meter event. The stand-in ends a period at
+        once, so the test lets the flush run first."""
+
+        def nothing_queued() -> None:
+            self.flush()
+            with psycopg.connect(self.stack.env["DATABASE_URL"], autocommit=True) as conn:
+                row = conn.execute(
+                    "select count(*) from usage_records where meter_status = 'pending'"
+                    " and (meter_next_attempt_at <= now() or meter_claimed_at is not null)"
+                ).fetchone()
+            assert row == (0,), f"{row} meter events still queued"
+
+        eventually(nothing_queued)
+
+    def flush(self) -> Any:
+        """The scheduled flush's request: deliver every due meter event now."""
+        return self.call(
+            "report-usage", "POST", expect=200, headers=self.service, json={"action": "flush"}
+        )
+
+    def delivered(self, db: psycopg.Connection[dict[str, Any]], org: str, call_id: str) -> None:
+        """Flush, then the call's meter event is on Stripe's meter (the function's own flusher
+        may hold it for a moment: a claimed event is skipped by this flush)."""
+        self.flush()
+
+        def sent() -> None:
+            row = db.execute(
+                "select meter_status, meter_identifier from usage_records"
+                " where organisation_id = %s and call_id = %s",
+                (org, call_id),
+            ).fetchone()
+            assert row is not None and row["meter_status"] == "sent", row
+            assert row["meter_identifier"] in self.stripe_state()["meter_events"]
+
+        eventually(sent)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +245,8 @@ def test_monthly_customer_life(client: Client, db: psycopg.Connection[dict[str, 
     call = uuid.uuid4().hex[:8]
     small = client.report(DEMO_ORG_ID, f"{call}-1", 700)
     assert (small["billed_minutes"], small["minutes_used"], small["alerts"]) == (12, 12, [])
-    assert small["meter_status"] == "sent"
+    assert small["meter_status"] == "pending"
+    client.delivered(db, DEMO_ORG_ID, f"{call}-1")
     big = client.report(DEMO_ORG_ID, f"{call}-2", 36000)
     assert (big["minutes_used"], big["overage_minutes"], big["overage_cost_cents"]) == (
         612,
@@ -227,6 +269,7 @@ def test_monthly_customer_life(client: Client, db: psycopg.Connection[dict[str, 
         (opened["id"],),
     ).fetchall()
     assert [a["threshold_percent"] for a in alerts] == [80, 100, 120]
+    client.settle()
     values = sorted(
         int(event["payload"]["value"])
         for event in client.stripe_state()["meter_events"].values()
@@ -315,8 +358,9 @@ def test_yearly_customer_gets_the_monthly_metered_item(
     assert (result["billed_minutes"], result["minutes_used"], result["meter_status"]) == (
         2,
         2,
-        "sent",
+        "pending",
     )
+    client.delivered(db, org, "yearly-call-1")
 
 
 def new_organisation(
@@ -910,10 +954,22 @@ def test_reconcile_finds_a_lost_meter_event_and_repair_sends_it_again(
     thin-event destination `local` registered, and verifies."""
     org, owner = new_organisation(client, db, "Lost Event Ltd")
     _subscribe(client, db, org, owner, plan(db, "Starter"))
-    assert client.report(org, "lost-1", 30 * 60)["meter_status"] == "sent"
+    assert client.report(org, "lost-1", 30 * 60)["meter_status"] == "pending"
+    client.delivered(db, org, "lost-1")
     client.standin("meter_events/drop_next")
-    lost = client.report(org, "lost-2", 20 * 60)  # Stripe answers 200, then loses it
-    assert (lost["meter_status"], lost["minutes_used"]) == ("sent", 50)
+    lost = client.report(org, "lost-2", 20 * 60)
+    assert (lost["meter_status"], lost["minutes_used"]) == ("pending", 50)
+    client.flush()  # Stripe answers 200, then loses it
+
+    def lost_sent() -> None:
+        row = db.execute(
+            "select meter_status from usage_records where organisation_id = %s"
+            " and call_id = 'lost-2'",
+            (org,),
+        ).fetchone()
+        assert row is not None and row["meter_status"] == "sent"
+
+    eventually(lost_sent)
 
     env: dict[str, Any] = client.stack.env
     settings = Settings(**env)
@@ -1072,10 +1128,12 @@ def test_catalogue_change_mid_run_keeps_subscribers_on_their_prices(
         500,
         200,
     )
-    assert (over["overage_cost_cents"], over["meter_status"]) == (200 * 50, "sent")
+    assert (over["overage_cost_cents"], over["meter_status"]) == (200 * 50, "pending")
+    client.delivered(db, org_a, "a-2")
     b_used = client.report(org_b, "b-1", 850 * 60)
     assert (b_used["included_minutes"], b_used["overage_minutes"]) == (800, 50)
-    assert (b_used["overage_cost_cents"], b_used["meter_status"]) == (50 * 40, "sent")
+    assert (b_used["overage_cost_cents"], b_used["meter_status"]) == (50 * 40, "pending")
+    client.delivered(db, org_b, "b-1")
 
     # Renewals: Stripe invoices each customer's usage at the tiers of the price they are on, and
     # each closed cycle says what that invoice line says.

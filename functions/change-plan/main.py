@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import flask
 
-from shared import plan_change
+from shared import meter_flush, plan_change
 from shared.auth import require_user
 from shared.checkout import browser_settings
 from shared.cors import browser_endpoint
@@ -20,6 +20,7 @@ from shared.stripe_api import make_stripe_client
 # Checked at start: a missing secret stops the function here, naming the variable.
 settings = browser_settings()
 stripe_client = make_stripe_client(settings)
+meter_stream = meter_flush.MeterStream(stripe_client, settings)
 
 
 @browser_endpoint(settings)
@@ -27,6 +28,10 @@ def change_plan(request: flask.Request) -> flask.Response:
     caller = require_user(request, settings)
     order = parse_body(request, plan_change.PlanChangeRequest)
     result = plan_change.change_plan(
-        caller, order, database=get_database(settings), stripe_client=stripe_client
+        caller,
+        order,
+        database=get_database(settings),
+        stripe_client=stripe_client,
+        meter_stream=meter_stream,
     )
     return json_response(result)

@@ -1,0 +1,247 @@
+"""Meter events to Stripe in batches, over the v2 meter event stream.
+
+A report leaves its meter event `pending` and due (sql/0070). `flush` claims due events a hundred
+at a time (`claim_meter_events`: skip locked, so any number of flushers may run at once, each
+claim leased), sends each batch in one request to `POST /v2/billing/meter_event_stream` and keeps
+the outcomes in one call (`record_meter_results`). Identifiers are the rows' own, derived from
+(organisation, call): Stripe ignores an identifier it already has, so a batch sent twice (a
+flusher killed after sending, before recording) bills each call once.
+
+The stream authenticates with a meter event session token (15 minutes); a `MeterStream` keeps
+one per process and makes a new one shortly before it expires or when Stripe says it has. Stripe
+validates streamed events asynchronously: a bad one is accepted here and reported later through
+a meter error report (shared/meter_errors.py), which marks its row failed.
+
+`BackgroundFlusher` is report-usage's: one thread per process that flushes once 100 reports have
+queued events or the oldest has waited `METER_FLUSH_DELAY_SECONDS`; the scheduled flush (every
+minute, `deploy.sh functions`) covers instances that stopped receiving traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import stripe
+
+from shared.db import Database
+from shared.settings import Settings
+from shared.stripe_api import describe
+from shared.usage import Outcome, failure_outcome
+
+log = logging.getLogger("metered_billing")
+
+BATCH = 100  # the stream's most events per request
+SESSION_MARGIN = timedelta(minutes=1)  # a token this close to expiry is replaced first
+_EVENT_PARAM = re.compile(r"^events\[(\d+)\]")
+
+
+@dataclass
+class FlushReport:
+    sent: int = 0
+    pending: int = 0
+    failed: int = 0
+    requests: int = 0  # requests made to the stream (sessions not counted)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def batch_lease_seconds(settings: Settings) -> int:
+    """How long a batch's claim lasts: three Stripe requests at their worst (a session, the
+    batch, the batch again under a fresh session) and a margin. httpx applies the timeout to
+    connecting, writing and reading separately."""
+    return 3 * math.ceil(3 * settings.STRIPE_TIMEOUT_SECONDS) + 30
+
+
+class MeterStream:
+    """The process's meter event session and the batches sent with it (thread-safe)."""
+
+    def __init__(self, client: stripe.StripeClient, settings: Settings) -> None:
+        self._client = client
+        self._event_name = settings.STRIPE_METER_EVENT_NAME
+        self.lease_seconds = batch_lease_seconds(settings)
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._expires_at = datetime.min.replace(tzinfo=UTC)
+        self.sessions = 0  # sessions this process created
+
+    def send(self, events: list[dict[str, Any]]) -> list[tuple[Outcome, str | None]]:
+        """Send one batch (1-100 claimed events); each event's outcome and Stripe's reason."""
+        assert 0 < len(events) <= BATCH
+        body = {"events": [self._stream_event(event) for event in events]}
+        renew = False
+        for _ in range(2):
+            try:
+                token = self._session_token(renew=renew)
+            except stripe.StripeError as error:  # nothing of the batch was sent
+                reason = describe(error)
+                log.warning("no meter event session: %s", reason)
+                return [("retry", f"no meter event session: {reason}")] * len(events)
+            try:
+                self._post(body, token)
+                return [("sent", None)] * len(events)
+            except stripe.TemporarySessionExpiredError:
+                renew = True  # Stripe ended the session early: once more with a new one
+            except stripe.StripeError as error:
+                reason = describe(error)
+                log.warning("meter event batch of %d not delivered: %s", len(events), reason)
+                return self._failures(error, reason, len(events))
+        return [("retry", "the meter event session expired twice")] * len(events)
+
+    def _post(self, body: dict[str, Any], token: str) -> None:
+        # One try: retrying is the outbox's job (a retried batch keeps its identifiers).
+        self._client.v2.billing.meter_event_stream.create(
+            params=body,  # type: ignore[arg-type]
+            options={"api_key": token, "max_network_retries": 0},
+        )
+
+    def _session_token(self, *, renew: bool = False) -> str:
+        with self._lock:
+            if (
+                renew
+                or self._token is None
+                or datetime.now(UTC) + SESSION_MARGIN >= self._expires_at
+            ):
+                session = self._client.v2.billing.meter_event_session.create(
+                    options={"max_network_retries": 0}
+                )
+                self._token = session.authentication_token
+                self._expires_at = _utc(session.expires_at)
+                self.sessions += 1
+            return self._token
+
+    def _stream_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        at = datetime.fromtimestamp(int(event["timestamp"]), UTC)
+        return {
+            "event_name": self._event_name,
+            "identifier": event["identifier"],
+            "payload": {"stripe_customer_id": event["customer"], "value": str(event["value"])},
+            "timestamp": at.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        }
+
+    @staticmethod
+    def _failures(
+        error: stripe.StripeError, reason: str, count: int
+    ) -> list[tuple[Outcome, str | None]]:
+        """A refused request takes none of its events. When Stripe names one event (its
+        `param`, events[i][...]), that one failed for good and the others are sent again;
+        otherwise every event has the request's outcome (shared.usage.failure_outcome)."""
+        named = _EVENT_PARAM.match(str(getattr(error, "param", None) or _param(error)))
+        if error.http_status == 400 and named and int(named.group(1)) < count:
+            index = int(named.group(1))
+            kept: list[tuple[Outcome, str | None]] = [
+                ("retry", "another event of its batch was refused")
+            ] * count
+            kept[index] = ("failed", reason)
+            return kept
+        outcome = failure_outcome(error)
+        if outcome == "failed":  # refused whole without naming an event: keep them for a retry
+            outcome = "retry"
+        return [(outcome, reason)] * count
+
+
+def flush(
+    database: Database, stream: MeterStream, *, limit: int, organisation_id: str | None = None
+) -> FlushReport:
+    """Deliver up to `limit` due meter events (of one organisation when given), a batch at a
+    time, until none is due."""
+    report = FlushReport()
+    taken = 0
+    while taken < limit:
+        claimed: list[dict[str, Any]] = database.call(
+            "claim_meter_events",
+            p_limit=min(BATCH, limit - taken),
+            p_lease_seconds=stream.lease_seconds,
+            p_organisation_id=organisation_id,
+        )
+        if not claimed:
+            break
+        taken += len(claimed)
+        outcomes = stream.send(claimed)
+        report.requests += 1
+        counts: dict[str, int] = database.call(
+            "record_meter_results",
+            p_results=[
+                {
+                    "usage_record_id": event["usage_record_id"],
+                    "attempt": event["attempt"],
+                    "outcome": outcome,
+                    "error": error,
+                }
+                for event, (outcome, error) in zip(claimed, outcomes, strict=True)
+            ],
+        )
+        report.sent += counts.get("sent", 0)
+        report.pending += counts.get("pending", 0)
+        report.failed += counts.get("failed", 0)
+        if len(claimed) < BATCH or report.sent == 0:
+            break  # drained, or Stripe is taking nothing: the events wait for their retry time
+    return report
+
+
+class BackgroundFlusher:
+    """One flushing thread per process, woken by reports that queued a meter event.
+
+    It flushes once BATCH reports have queued events or the oldest has waited `delay` seconds,
+    then drains whatever is due. A delay of 0 turns it off (the scheduled flush alone delivers).
+    The thread starts with the first queued event in each process (gunicorn forks workers after
+    import), and a failed flush is logged; its events stay pending for the next one.
+    """
+
+    def __init__(self, flush_due: Callable[[], FlushReport], delay: float) -> None:
+        self._flush_due = flush_due
+        self._delay = delay
+        self._wake = threading.Condition()
+        self._queued = 0
+        self._oldest = 0.0
+        self._pid = 0
+
+    def queued(self) -> None:
+        """A report left a meter event pending."""
+        if self._delay <= 0:
+            return
+        with self._wake:
+            if self._pid != os.getpid():
+                self._pid, self._queued = os.getpid(), 0
+                threading.Thread(target=self._run, name="meter-flush", daemon=True).start()
+            if self._queued == 0:
+                self._oldest = time.monotonic()
+            self._queued += 1
+            if self._queued >= BATCH:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._queued == 0:
+                    self._wake.wait()
+                while self._queued < BATCH:
+                    left = self._oldest + self._delay - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                self._queued = 0
+            try:
+                self._flush_due()
+            except Exception:
+                log.exception("background meter flush failed; its events stay pending")
+
+
+def _utc(value: Any) -> datetime:
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _param(error: stripe.StripeError) -> str:
+    body = error.json_body if isinstance(error.json_body, dict) else {}
+    detail = body.get("error")
+    return str(detail.get("param") or "") if isinstance(detail, dict) else ""
