@@ -52,9 +52,11 @@ class CheckoutRequest(BaseModel):
         return website_path(path)
 
 
-def browser_settings() -> Settings:
-    """The settings of the browser-facing functions, checked at start (ConfigError names the gap)."""
-    settings = get_settings().require("STRIPE_SECRET_KEY", "WEBSITE_URL").require_database()
+def browser_settings(*, stripe: bool = True) -> Settings:
+    """The settings of the browser-facing functions, checked at start (ConfigError names the gap);
+    `stripe=False` for one that never calls Stripe (no STRIPE_SECRET_KEY needed)."""
+    settings = get_settings().require(*(["STRIPE_SECRET_KEY"] if stripe else []), "WEBSITE_URL")
+    settings.require_database()
     if settings.SUPABASE_JWT_SECRET is not None:
         settings.require("SUPABASE_JWT_SECRET")
     elif settings.jwks_url is None:

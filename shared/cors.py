@@ -18,7 +18,6 @@ from shared.errors import ConfigError, Forbidden
 from shared.http import Handler, endpoint
 from shared.settings import Settings, get_settings
 
-ALLOW_METHODS = "POST, OPTIONS"
 ALLOW_HEADERS = "authorization, content-type"
 PREFLIGHT_MAX_AGE = "600"
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
@@ -79,26 +78,26 @@ def require_website_origin(request: flask.Request, settings: Settings) -> None:
         raise Forbidden("Requests from this origin are not allowed.", code="origin_not_allowed")
 
 
-def preflight(request: flask.Request, settings: Settings) -> flask.Response:
-    """204 for a preflight from the website (403 from anywhere else)."""
+def preflight(request: flask.Request, settings: Settings, method: str = "POST") -> flask.Response:
+    """204 for a preflight from the website allowing `method` (403 from anywhere else)."""
     require_website_origin(request, settings)
     response = flask.Response(status=204)
-    response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
+    response.headers["Access-Control-Allow-Methods"] = f"{method}, OPTIONS"
     response.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
     response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
     return response
 
 
-def browser_endpoint(settings: Settings) -> Callable[[Handler], Handler]:
-    """A POST entry point for the website: CORS on every answer, the preflight answered, and
-    requests from other origins refused before `handler` runs."""
+def browser_endpoint(settings: Settings, method: str = "POST") -> Callable[[Handler], Handler]:
+    """An entry point for the website answering `method`: CORS on every answer, the preflight
+    answered, and requests from other origins refused before `handler` runs."""
 
     def wrap(handler: Handler) -> Handler:
-        @endpoint(methods=("POST", "OPTIONS"), headers=cors_headers)
+        @endpoint(methods=(method, "OPTIONS"), headers=cors_headers)
         @wraps(handler)
         def run(request: flask.Request) -> flask.Response:
             if request.method == "OPTIONS":
-                return preflight(request, settings)
+                return preflight(request, settings, method)
             require_website_origin(request, settings)
             return handler(request)
 

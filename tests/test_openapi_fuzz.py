@@ -42,6 +42,7 @@ FUNCTIONS = {
     "/create-checkout-session": "create_checkout_session",
     "/create-portal-session": "create_portal_session",
     "/change-plan": "change_plan",
+    "/billing-overview": "billing_overview",
 }
 OPERATIONS = [
     ("/report-usage", "POST"),
@@ -52,6 +53,8 @@ OPERATIONS = [
     ("/create-portal-session", "OPTIONS"),
     ("/change-plan", "POST"),
     ("/change-plan", "OPTIONS"),
+    ("/billing-overview", "GET"),
+    ("/billing-overview", "OPTIONS"),
 ]
 EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 25}
 SCHEMAS = spec()["components"]["schemas"]
@@ -174,6 +177,9 @@ def with_known_ids(case: Any, path: str, world: dict[str, Any], known: bool) -> 
             case.query["org_id"] = world["agent_org"]
         if "org_id" in body:
             body["org_id"] = world["agent_org"]
+    elif path == "/billing-overview":
+        if isinstance(case.query, dict) and "organisation_id" in case.query:
+            case.query["organisation_id"] = world["agent_org"]
     elif path == "/create-checkout-session":
         if "plan_id" in body:
             body["plan_id"] = world["plan"]
@@ -213,6 +219,9 @@ def expected_statuses(
         # A repeat answers 200 with the first result; a first report 201 (or 202: pending).
         return {200: None} if body["call_id"] in reported else {201: None, 202: None}
     own_org = world["buyer_org"] if path == "/create-checkout-session" else world["agent_org"]
+    if path == "/billing-overview":
+        asked = (case.query or {}).get("organisation_id", own_org)
+        return {200: None} if asked == own_org else {403: "forbidden"}
     if body.get("organisation_id", own_org) != own_org:
         return {403: "forbidden"}
     if path == "/create-checkout-session" and body["plan_id"] != world["plan"]:
