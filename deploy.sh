@@ -82,8 +82,23 @@ require_env() {
   done
 }
 
+# The browser tests drive Debian's Chromium (never a browser download): installed when missing
+# and this user can (root with apt-get, as on CI); elsewhere they skip, saying how to install it.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    say "Chromium is missing: the browser tests skip (sudo apt-get install chromium)"
+    return 0
+  fi
+  say "installing Chromium from Debian's chromium package (for the browser tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null ||
+    say "apt-get could not install chromium: the browser tests skip (and fail under CI)"
+}
+
 cmd_test() {
   ensure_venv
+  ensure_chromium
   say "ruff check";           "$VENV/bin/ruff" check .
   say "ruff format --check";  "$VENV/bin/ruff" format --check .
   say "mypy (strict on shared/)"; "$VENV/bin/mypy"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from jose import jwt
 
@@ -50,6 +51,7 @@ FUNCTIONS = {
     "report-usage": ("report_usage", 3),
     "create-portal-session": ("create_portal_session", 4),
     "change-plan": ("change_plan", 5),
+    "billing-overview": ("billing_overview", 6),
 }
 
 
@@ -151,6 +153,7 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
     stripe_base: str | None = None
+    web_url: str | None = None  # the billing pages (web/), at port_base
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stops: list[Any] = field(default_factory=list)
     _had_database: bool = False
@@ -158,7 +161,7 @@ class Stack:
     def start(self, *, real_stripe_key: str | None = None) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         keys = local_secrets(self.data)
-        ports = [self.port_base + offset for _, offset in FUNCTIONS.values()]
+        ports = [self.port_base, *(self.port_base + offset for _, offset in FUNCTIONS.values())]
         if not real_stripe_key:
             ports.append(self.stripe_port)
         busy = [port for port in ports if not port_free(port)]
@@ -175,7 +178,7 @@ class Stack:
             "SUPABASE_URL": "http://127.0.0.1:54321",  # not contacted: HS256 tokens locally
             "SUPABASE_JWT_SECRET": keys["jwt_secret"],
             "SUPABASE_SERVICE_ROLE_KEY": keys["service_key"],
-            "WEBSITE_URL": "http://localhost:3000",
+            "WEBSITE_URL": f"http://127.0.0.1:{self.port_base}",  # where web/ is served
             "STRIPE_TIMEOUT_SECONDS": "10",
         }
         if real_stripe_key:
@@ -205,6 +208,8 @@ class Stack:
         self.env["STRIPE_PORTAL_CONFIGURATION_ID"] = portal
         seed_demo_organisation(database_url)
         self._start_functions()
+        self._start_flush_schedule()
+        self._start_web(keys["jwt_secret"])
 
     def _start_postgres(self) -> str:
         url = self.database_url
@@ -265,6 +270,36 @@ class Stack:
         for url, process in zip(self.urls.values(), self.processes, strict=True):
             wait_for_port(int(url.rsplit(":", 1)[1].strip("/")), process)
 
+    def _start_flush_schedule(self, every: float = 60.0) -> None:
+        """What Cloud Scheduler does in production (`deploy.sh functions`): POST report-usage's
+        flush action every minute, so queued meter events reach Stripe without traffic too."""
+        url, key = self.urls["report-usage"], self.env["SUPABASE_SERVICE_ROLE_KEY"]
+        stop = threading.Event()
+
+        def schedule() -> None:
+            while not stop.wait(every):
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.post(
+                        url,
+                        json={"action": "flush"},
+                        headers={"Authorization": f"Bearer {key}"},
+                        timeout=120,
+                    )
+
+        threading.Thread(target=schedule, name="flush-schedule", daemon=True).start()
+        self._stops.append(stop.set)
+
+    def _start_web(self, jwt_secret: str) -> None:
+        """web/ at port_base, its config.js pointing at these functions, the demo owner signed in."""
+        from devtools.web_server import local_config, serve_web
+
+        user = {"id": DEMO_OWNER_ID, "email": DEMO_OWNER_EMAIL}
+        functions = {name: url for name, url in self.urls.items() if "webhook" not in name}
+        self.web_url, stop = serve_web(
+            self.port_base, lambda: local_config(functions, owner_token(jwt_secret), user)
+        )
+        self._stops.append(stop)
+
     def stop(self) -> None:
         for process in self.processes:
             process.terminate()
@@ -307,10 +342,12 @@ def print_guide(stack: Stack) -> None:
     keys = local_secrets(stack.data)
     token = owner_token(keys["jwt_secret"])
     plan, growth = plan_ids(stack.env["DATABASE_URL"])
-    checkout, webhook, usage, portal, change = (stack.urls[name] for name in FUNCTIONS)
+    checkout, webhook, usage, portal, change, overview = (stack.urls[name] for name in FUNCTIONS)
     standin = stack.stripe_base
     call = str(uuid.uuid4())[:8]
     print(f"""
+Billing pages (signed in as the demo owner): {stack.web_url}  (dashboard: {stack.web_url}dashboard.html)
+
 metered-billing is running locally. Ctrl-C stops everything. Data (Stripe's side too) stays in
 {stack.data} between runs, so a second run continues where this one stops (step 1 then answers
 409 already_subscribed); `./deploy.sh local --reset` starts from scratch.
@@ -320,6 +357,7 @@ metered-billing is running locally. Ctrl-C stops everything. Data (Stripe's side
   report-usage             {usage}
   create-portal-session    {portal}
   change-plan              {change}
+  billing-overview         {overview}
   Stripe                   {standin or "real Stripe (test mode)"}
   Postgres                 {stack.env["DATABASE_URL"]}
 
@@ -348,7 +386,11 @@ curl -s -X POST {usage} -H "Authorization: Bearer $SERVICE_KEY" -H 'Content-Type
   -d '{{"org_id": "{DEMO_ORG_ID}", "call_id": "call-{call}-1", "call_duration_seconds": 700}}'
 curl -s -X POST {usage} -H "Authorization: Bearer $SERVICE_KEY" -H 'Content-Type: application/json' \\
   -d '{{"org_id": "{DEMO_ORG_ID}", "call_id": "call-{call}-2", "call_duration_seconds": 36000}}'
-# (repeat any report: same answer, "duplicate": true, nothing counted twice)
+# (each answers 202: recorded, its meter event queued; report-usage sends queued events to
+#  Stripe in batches within seconds, and this run also flushes every minute as Cloud Scheduler
+#  does; a repeat gives the same answer with "duplicate": true, nothing counted twice)
+curl -s -X POST {usage} -H "Authorization: Bearer $SERVICE_KEY" -H 'Content-Type: application/json' \
+  -d '{{"action": "flush"}}'   # deliver what is due now: {{"sent": ..., "requests": ...}}
 
 # 4. the owner opens the billing portal
 curl -s -X POST {portal} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{{}}'
@@ -364,6 +406,9 @@ curl -s -X POST {change} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: app
 curl -s -X POST {change} -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
   -d '{{"cancel_pending": true}}'
 # (yearly: "billing_period": "yearly" is an upgrade now; from yearly back to monthly waits)
+
+# the billing page's one read (any member): plan, cycle, daily usage, alerts, invoices, plans
+curl -s "{overview}" -H "Authorization: Bearer $TOKEN" | python3 -m json.tool
 """)
     if standin:
         print(f"""# 6. renewal (overage invoiced, a pending downgrade applied), a failed payment,

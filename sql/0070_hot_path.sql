@@ -250,28 +250,45 @@ end;
 $$;
 
 -- The outcomes of one batch's attempts, in one round trip: p_results is a list of
--- {usage_record_id, attempt, outcome, error}, each kept by record_meter_result (0040's rules:
--- an outcome of an older attempt changes nothing). Returns how many rows each status has now.
+-- {usage_record_id, attempt, outcome, error}. `sent` is kept for the whole batch in one update
+-- (record_meter_result's rule: a row still pending, failed or unconfirmed becomes sent); any
+-- other outcome row by row by record_meter_result (an outcome of an older attempt changes
+-- nothing). Returns how many of the rows have each status now.
 create function public.record_meter_results(p_results jsonb)
 returns jsonb
 language plpgsql
 set search_path = ''
 as $$
 declare
-  v_item jsonb;
-  v_status text;
-  v_counts jsonb := '{}'::jsonb;
+  v_item record;
+  v_counts jsonb;
 begin
   if p_results is null or jsonb_typeof(p_results) <> 'array' then
     raise exception 'results must be a list.' using errcode = 'MB422', hint = 'validation_error';
   end if;
-  for v_item in select r from jsonb_array_elements(p_results) r loop
-    v_status := public.record_meter_result(
-      (v_item ->> 'usage_record_id')::uuid, (v_item ->> 'attempt')::integer,
-      v_item ->> 'outcome', v_item ->> 'error') ->> 'meter_status';
-    v_counts := v_counts || jsonb_build_object(
-      v_status, coalesce((v_counts ->> v_status)::integer, 0) + 1);
+  update public.usage_records u
+     set meter_status = 'sent',
+         meter_error = null,
+         meter_sent_at = now(),
+         meter_claimed_at = null,
+         meter_next_attempt_at = null
+    from jsonb_to_recordset(p_results) as r (usage_record_id uuid, outcome text)
+   where r.outcome = 'sent' and u.id = r.usage_record_id
+     and u.meter_status in ('pending', 'failed', 'unconfirmed');
+  for v_item in
+    select r.*
+      from jsonb_to_recordset(p_results)
+             as r (usage_record_id uuid, attempt integer, outcome text, error text)
+     where r.outcome is distinct from 'sent'
+  loop
+    perform public.record_meter_result(
+      v_item.usage_record_id, v_item.attempt, v_item.outcome, v_item.error);
   end loop;
+  select coalesce(jsonb_object_agg(c.meter_status, c.n), '{}'::jsonb) into v_counts
+    from (select u.meter_status, count(*) as n
+            from jsonb_to_recordset(p_results) as r (usage_record_id uuid)
+            join public.usage_records u on u.id = r.usage_record_id
+           group by u.meter_status) c;
   return v_counts;
 end;
 $$;

@@ -24,6 +24,10 @@ events to the webhook URL (JSON bodies; each answers what happened and its deliv
     POST /_standin/clock/advance                        {"seconds": n}: the meter events' clock
     GET  /_standin/state                                everything the stand-in holds
 
+Where Stripe's hosted pages would be, HTML forms a person can click through (hosted_pages.py):
+`/checkout/{id}` (Pay, Fail payment, Cancel), `/portal/{id}` (cancel at period end, as the
+portal configuration allows; Return) and `/invoice/{id}` (the invoices' hosted_invoice_url).
+
 Events caused by `/_standin/` routes are delivered before the route answers (deterministic for
 tests); events caused by `/v1/` and `/v2/` calls are delivered right after the answer is sent,
 so a webhook handler that calls back into the stand-in never waits on itself. Only the event
@@ -65,7 +69,8 @@ One module per Stripe resource family, each importing only the ones above it in 
     schedules.py          /v1/subscription_schedules, and entering a phase at a renewal
     renewals.py           the end of a billing period (simulated time), paying an open invoice
     checkout.py           /v1/checkout/sessions, and completing one
-    portal.py             /v1/billing_portal/sessions, and the hosted pages' stand-ins
+    portal.py             /v1/billing_portal/sessions and configurations
+    hosted_pages.py       the Checkout, portal and invoice pages a person clicks through
     app.py                routing, dispatch, idempotency; create_app, seed_prices,
                           serve_in_thread, main
 """

@@ -28,6 +28,7 @@ from . import (
     checkout,
     customers,
     event_destinations,
+    hosted_pages,
     invoices,
     meter_errors,
     meter_events,
@@ -88,6 +89,7 @@ ROUTES = Map(
         *meter_stream.ROUTES,
         *meter_summaries.ROUTES,
         *portal.ROUTES,
+        *hosted_pages.ROUTES,
         *webhooks.ROUTES,
         *event_destinations.ROUTES,
         *renewals.ROUTES,
@@ -152,12 +154,13 @@ class StripeStandin:
             message = f"Unrecognized request URL ({request.method}: {request.path})."
             raise StripeError(404, message) from None
         call = Call(self.state, {}, request.host_url.rstrip("/"))
+        self.state.public_url = self.state.public_url or call.base_url
         if endpoint.kind == "api":
             return self.serve_api(request, endpoint, args, call)
         if endpoint.kind in ("v2", "v2_session"):
             return self.serve_v2(request, endpoint, args, call)
         if endpoint.kind == "page":
-            return Response(endpoint.handler(call, **args), mimetype="text/html")
+            return self.serve_page(request, endpoint, args, call)
         try:
             call.params = json.loads(request.get_data(as_text=True) or "{}")
         except json.JSONDecodeError:
@@ -169,6 +172,20 @@ class StripeStandin:
         if call.events or call.thin:
             answer["deliveries"] = self.deliver(call.events, call.thin)
         return json_response(answer, 200)
+
+    def serve_page(
+        self, request: Request, endpoint: Endpoint, args: Mapping[str, Any], call: Call
+    ) -> Response:
+        """A hosted page (hosted_pages.py): HTML, or a redirect after a form; the events a form
+        causes are delivered before the browser moves on, as control routes do."""
+        call.params = {**request.args.to_dict(), **request.form.to_dict()}
+        with self.state.lock:
+            answer = endpoint.handler(call, **args)
+        if call.events or call.thin:
+            self.deliver(call.events, call.thin)
+        if isinstance(answer, Response):
+            return answer
+        return Response(answer, mimetype="text/html")
 
     def serve_api(
         self, request: Request, endpoint: Endpoint, args: Mapping[str, Any], call: Call

@@ -214,6 +214,7 @@ def new_invoice(st: State, sub: Json, invoice_id: str, lines: list[Json], **how:
         },
         total_taxes=[],
         total_pretax_credit_amounts=[],
+        hosted_invoice_url=f"{st.public_url}/invoice/{invoice_id}" if st.public_url else None,
         unset="due_date from_invoice last_finalization_error next_payment_attempt shipping_cost"
         " shipping_details webhooks_delivered_at",
     )

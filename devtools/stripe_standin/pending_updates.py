@@ -16,7 +16,7 @@ import copy
 from typing import Any
 
 from .invoices import void_invoice
-from .state import Json, State, StripeError, as_bool, fixture, metadata
+from .state import Call, Json, State, StripeError, as_bool, fixture, metadata
 from .subscriptions import set_cancel_at_period_end
 
 PENDING_PARAMS = {
@@ -104,8 +104,10 @@ def apply_pending_update(st: State, sub: Json, invoice_id: str) -> bool:
     return True
 
 
-def expire_pending_update(st: State, sub: Json, at: int, *, force: bool = False) -> None:
-    """Past its expires_at (or replaced), a pending update goes and its open invoice is voided."""
+def expire_pending_update(call: Call, sub: Json, at: int, *, force: bool = False) -> None:
+    """Past its expires_at (or replaced), a pending update goes and its open invoice is voided
+    (invoice.voided sent, as Stripe does)."""
+    st = call.state
     update = sub["pending_update"]
     if not update or (at < update["expires_at"] and not force):
         return
@@ -113,4 +115,5 @@ def expire_pending_update(st: State, sub: Json, at: int, *, force: bool = False)
     invoice = st.store["invoice"].get(held["invoice"]) if held else None
     if invoice is not None and invoice["status"] == "open":
         void_invoice(st, invoice, at)
+        call.emit("invoice.voided", invoice)
     sub["pending_update"] = None

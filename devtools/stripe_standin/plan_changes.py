@@ -98,7 +98,7 @@ def update_subscription(call: Call, object_id: str) -> Json:
     if stored["pending_update"] and ("items" in p or "cancel_at_period_end" in p):
         # A newer change replaces it. Voided first, so this change is figured from what was
         # really paid and billed (the held invoice's charges and usage never were).
-        expire_pending_update(st, stored, now, force=True)
+        expire_pending_update(call, stored, now, force=True)
         sub = copy.deepcopy(stored)
         sub["pending_update"] = None
     change = Change(st, sub, now, proration_date(p, sub, now), proration)

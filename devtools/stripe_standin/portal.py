@@ -1,11 +1,10 @@
-"""The customer portal's configurations and sessions, and the pages where Stripe's hosted pages
-would be. A session uses the configuration it names, else the account's default (made on first
-use, as the Dashboard's portal settings do)."""
+"""The customer portal's configurations and sessions (the portal's page: hosted_pages.py). A
+session uses the configuration it names, else the account's default (made on first use, as the
+Dashboard's portal settings do)."""
 
 from __future__ import annotations
 
 import copy
-import html
 import time
 
 from .state import (
@@ -15,7 +14,6 @@ from .state import (
     StripeError,
     api,
     as_bool,
-    control,
     fixture,
     list_object,
     metadata,
@@ -120,17 +118,6 @@ def create_portal_session(call: Call) -> Json:
     return call.state.put(session)
 
 
-def standin_page(call: Call, object_id: str) -> str:
-    """A tiny page where Stripe's hosted Checkout or portal would be."""
-    oid = html.escape(object_id)
-    return (
-        "<!doctype html><title>Stripe stand-in</title>"
-        "<h1>Local Stripe stand-in (not Stripe, never for production)</h1>"
-        f"<p>Session <code>{oid}</code>. Nothing is charged here; tests complete checkouts with "
-        f"<code>POST /_standin/checkout_sessions/{oid}/complete</code>.</p>"
-    )
-
-
 ROUTES = [
     api(
         "POST",
@@ -156,6 +143,4 @@ ROUTES = [
         update_configuration,
         "features[*] metadata[*] default_return_url active",
     ),
-    control("GET", "/checkout" + ID, standin_page, kind="page"),
-    control("GET", "/portal" + ID, standin_page, kind="page"),
 ]

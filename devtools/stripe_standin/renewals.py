@@ -33,7 +33,7 @@ def advance_subscription(call: Call, object_id: str) -> Json:
     if not sub["items"]["data"]:
         raise StripeError(400, f"Subscription {object_id} has no items to renew.")
     boundary = min(item["current_period_end"] for item in sub["items"]["data"])
-    expire_pending_update(st, sub, boundary)
+    expire_pending_update(call, sub, boundary)
     schedule = due_schedule(st, sub, boundary)
     ending = (sub["cancel_at_period_end"] and boundary >= (sub["cancel_at"] or 0)) or bool(
         schedule and ends_subscription(schedule)

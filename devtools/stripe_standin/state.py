@@ -312,6 +312,7 @@ class State:
     def __init__(self, has_webhook: bool, *, async_meter_validation: bool = True) -> None:
         self.lock = threading.Lock()
         self.has_webhook = has_webhook
+        self.public_url = ""  # where its hosted pages are (the app sets it from requests)
         # Stripe validates a meter event's meter, customer and value after accepting it; the
         # stand-in did so synchronously (400) before, which stays the default (meter_events.py).
         self.async_meter_validation = async_meter_validation
