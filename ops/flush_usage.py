@@ -17,13 +17,19 @@ from shared.stripe_api import make_stripe_client
 from shared.usage import DEFAULT_FLUSH_LIMIT, MAX_FLUSH_LIMIT
 
 
+def limit(value: str) -> int:
+    """--limit's value: a whole number from 1 to MAX_FLUSH_LIMIT."""
+    if not value.isdigit() or not 1 <= int(value) <= MAX_FLUSH_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_FLUSH_LIMIT}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--limit",
-        type=int,
+        type=limit,
         default=DEFAULT_FLUSH_LIMIT,
-        choices=range(1, MAX_FLUSH_LIMIT + 1),
         metavar="N",
         help=f"most events to deliver in this run, 1-{MAX_FLUSH_LIMIT} (default {DEFAULT_FLUSH_LIMIT})",
     )

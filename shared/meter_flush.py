@@ -55,6 +55,18 @@ class FlushReport:
         return asdict(self)
 
 
+@dataclass
+class Sent:
+    """A batch's outcome per event (in the batch's order) and the stream requests it took."""
+
+    outcomes: list[tuple[Outcome, str | None]]
+    requests: int = 0
+
+    def set(self, indexes: list[int], outcome: Outcome, reason: str | None) -> None:
+        for index in indexes:
+            self.outcomes[index] = (outcome, reason)
+
+
 def batch_lease_seconds(settings: Settings) -> int:
     """How long a batch's claim lasts: three Stripe requests at their worst (a session, the
     batch, the batch again under a fresh session) and a margin. httpx applies the timeout to
@@ -74,28 +86,50 @@ class MeterStream:
         self._expires_at = datetime.min.replace(tzinfo=UTC)
         self.sessions = 0  # sessions this process created
 
-    def send(self, events: list[dict[str, Any]]) -> list[tuple[Outcome, str | None]]:
-        """Send one batch (1-100 claimed events); each event's outcome and Stripe's reason."""
+    def send(self, events: list[dict[str, Any]]) -> Sent:
+        """Send one batch (1-100 claimed events): each event's outcome and Stripe's reason.
+
+        A refused request takes none of its events. When Stripe names one event (`param`
+        events[i][...]), that one failed for good and the rest go again at once; a session
+        Stripe no longer takes (expired, or unknown to it) is replaced once.
+        """
         assert 0 < len(events) <= BATCH
-        body = {"events": [self._stream_event(event) for event in events]}
+        outcomes: list[tuple[Outcome, str | None]] = [("retry", None)] * len(events)
+        left = list(range(len(events)))
+        sent = Sent(outcomes)
         renew = False
-        for _ in range(2):
+        while left:
             try:
                 token = self._session_token(renew=renew)
-            except stripe.StripeError as error:  # nothing of the batch was sent
-                reason = describe(error)
-                log.warning("no meter event session: %s", reason)
-                return [("retry", f"no meter event session: {reason}")] * len(events)
+            except stripe.StripeError as error:  # nothing of these was sent
+                reason = f"no meter event session: {describe(error)}"
+                log.warning("%s", reason)
+                sent.set(left, "retry", reason)
+                break
+            body = {"events": [self._stream_event(events[i]) for i in left]}
+            sent.requests += 1
             try:
                 self._post(body, token)
-                return [("sent", None)] * len(events)
-            except stripe.TemporarySessionExpiredError:
-                renew = True  # Stripe ended the session early: once more with a new one
+            except (stripe.TemporarySessionExpiredError, stripe.AuthenticationError) as error:
+                if renew:
+                    sent.set(left, "retry", describe(error))
+                    break
+                renew = True  # once more under a new session
+                continue
             except stripe.StripeError as error:
                 reason = describe(error)
-                log.warning("meter event batch of %d not delivered: %s", len(events), reason)
-                return self._failures(error, reason, len(events))
-        return [("retry", "the meter event session expired twice")] * len(events)
+                log.warning("meter event batch of %d not delivered: %s", len(left), reason)
+                named = _named_event(error, len(left))
+                if named is None:
+                    outcome = failure_outcome(error)
+                    # Refused whole without naming an event: kept for a retry, never dropped.
+                    sent.set(left, "retry" if outcome == "failed" else outcome, reason)
+                    break
+                sent.set([left.pop(named)], "failed", reason)
+                continue
+            sent.set(left, "sent", None)
+            break
+        return sent
 
     def _post(self, body: dict[str, Any], token: str) -> None:
         # One try: retrying is the outbox's job (a retried batch keeps its identifiers).
@@ -128,26 +162,6 @@ class MeterStream:
             "timestamp": at.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
         }
 
-    @staticmethod
-    def _failures(
-        error: stripe.StripeError, reason: str, count: int
-    ) -> list[tuple[Outcome, str | None]]:
-        """A refused request takes none of its events. When Stripe names one event (its
-        `param`, events[i][...]), that one failed for good and the others are sent again;
-        otherwise every event has the request's outcome (shared.usage.failure_outcome)."""
-        named = _EVENT_PARAM.match(str(getattr(error, "param", None) or _param(error)))
-        if error.http_status == 400 and named and int(named.group(1)) < count:
-            index = int(named.group(1))
-            kept: list[tuple[Outcome, str | None]] = [
-                ("retry", "another event of its batch was refused")
-            ] * count
-            kept[index] = ("failed", reason)
-            return kept
-        outcome = failure_outcome(error)
-        if outcome == "failed":  # refused whole without naming an event: keep them for a retry
-            outcome = "retry"
-        return [(outcome, reason)] * count
-
 
 def flush(
     database: Database, stream: MeterStream, *, limit: int, organisation_id: str | None = None
@@ -166,8 +180,8 @@ def flush(
         if not claimed:
             break
         taken += len(claimed)
-        outcomes = stream.send(claimed)
-        report.requests += 1
+        sent = stream.send(claimed)
+        report.requests += sent.requests
         counts: dict[str, int] = database.call(
             "record_meter_results",
             p_results=[
@@ -177,7 +191,7 @@ def flush(
                     "outcome": outcome,
                     "error": error,
                 }
-                for event, (outcome, error) in zip(claimed, outcomes, strict=True)
+                for event, (outcome, error) in zip(claimed, sent.outcomes, strict=True)
             ],
         )
         report.sent += counts.get("sent", 0)
@@ -239,6 +253,14 @@ class BackgroundFlusher:
 def _utc(value: Any) -> datetime:
     parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _named_event(error: stripe.StripeError, count: int) -> int | None:
+    """The index of the one event a 400 names (`param` events[i][...]), if it names one."""
+    named = _EVENT_PARAM.match(str(getattr(error, "param", None) or _param(error)))
+    if error.http_status == 400 and named and int(named.group(1)) < count:
+        return int(named.group(1))
+    return None
 
 
 def _param(error: stripe.StripeError) -> str:

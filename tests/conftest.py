@@ -81,6 +81,22 @@ def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         yield conn
 
 
+@pytest.fixture(autouse=True)
+def park_pending_meter_events(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Meter events a test leaves due are parked when it ends: every report leaves its event
+    pending for the flush, the flush is global by design, and the session's database is shared,
+    so a later test's flush must not deliver them to its own meter."""
+    yield
+    if "database_url" not in request.fixturenames:
+        return
+    url = request.getfixturevalue("database_url")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "update public.usage_records set meter_next_attempt_at = 'infinity'"
+            " where meter_status = 'pending' and meter_next_attempt_at < 'infinity'"
+        )
+
+
 @contextlib.contextmanager
 def acting_as(
     conn: psycopg.Connection[Any], role: str, user_id: str | None = None
@@ -194,6 +210,8 @@ def function_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator
         "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
         "WEBSITE_URL": WEBSITE_URL,
         "STRIPE_MAX_NETWORK_RETRIES": "0",
+        # No background flush behind a test's back: tests flush when they mean to.
+        "METER_FLUSH_DELAY_SECONDS": "0",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -15,9 +15,9 @@ from tests.test_report_usage import (
     at,
     cycles_of,
     identifier_for,
+    invalid_field,
     month_after,
     report,
-    stripe_error,
     usage_row,
 )
 
@@ -91,15 +91,16 @@ def test_a_call_in_an_invoiced_cycle_counts_late_in_the_current_one(
     ended = previous["period_end"] - timedelta(minutes=5)
     response = report(client, org["id"], "offline", call_duration_minutes=3, ended_at=at(ended))
 
-    assert response.status_code == 201
+    assert response.status_code == 202
     body = response.get_json()
-    assert body["late"] is True and body["minutes_used"] == 3 and body["meter_status"] == "sent"
+    assert body["late"] is True and body["minutes_used"] == 3 and body["meter_status"] == "pending"
+    assert flush(client)["sent"] == 1
     previous_after, current_after = cycles_of(db, sub["id"])
     assert previous_after["minutes_used"] == 0  # nothing enters an invoiced cycle
     assert current_after["minutes_used"] == 3
     row = usage_row(db, org["id"], "offline")
     assert row["late"] and row["billing_cycle_id"] == current["id"]
-    assert row["ended_at"] == ended and row["metered_at"] >= NOW
+    assert row["ended_at"] == ended and row["metered_at"] >= NOW and row["meter_status"] == "sent"
     sent = meter.events[identifier_for(org["id"], "offline")]
     assert int(sent["timestamp"]) >= int(NOW.timestamp())  # metered when counted, not when it ended
     [entry] = audit(db, org["id"], "usage.late")
@@ -117,6 +118,7 @@ def test_a_call_of_the_previous_period_within_its_grace_hour_counts_there(
     sub, previous, _ = two_periods(org, plan, subscribe, db, ended_ago=timedelta(minutes=20))
     ended = previous["period_end"] - timedelta(minutes=1)
     body = report(client, org["id"], "in-grace", ended_at=at(ended)).get_json()
+    assert flush(client)["sent"] == 1
 
     assert body["late"] is False
     assert [c["minutes_used"] for c in cycles_of(db, sub["id"])] == [2, 0]
@@ -145,10 +147,13 @@ def test_a_call_older_than_stripe_accepts_is_billed_late_not_refused(
     sub = subscribe(org, make_plan(), start=NOW - timedelta(days=50), end=NOW + timedelta(days=10))
     response = report(client, org["id"], "old", ended_at=at(NOW - timedelta(days=40)))
 
-    assert response.status_code == 201
+    assert response.status_code == 202
     body = response.get_json()
-    assert body["late"] is True and body["meter_status"] == "sent"
+    assert body["late"] is True and body["meter_status"] == "pending"
+    assert flush(client) == {"sent": 1, "pending": 0, "failed": 0, "requests": 1}
     assert usage_row(db, org["id"], "old")["meter_status"] == "sent"
+    sent = meter.events[identifier_for(org["id"], "old")]  # metered now: Stripe counts it
+    assert int(sent["timestamp"]) >= int(NOW.timestamp())
     assert cycles_of(db, sub["id"])[0]["minutes_used"] == 2
 
 
@@ -164,6 +169,7 @@ def test_late_usage_without_a_live_subscription_is_recorded_and_counted_nowhere(
     assert cycles_of(db, sub["id"])[0]["minutes_used"] == 0
     row = usage_row(db, org["id"], "after-the-end")
     assert row["billing_cycle_id"] is None and "no live subscription" in row["meter_error"]
+    assert flush(client)["requests"] == 0
     assert not meter.requests
 
 
@@ -174,6 +180,7 @@ def test_an_outage_across_the_period_end_is_retried_within_the_grace_hour(
     _, previous, _ = two_periods(org, plan, subscribe, db, ended_ago=timedelta(minutes=10))
     meter.fail_next(429)
     report(client, org["id"], "outage", ended_at=at(previous["period_end"] - timedelta(minutes=2)))
+    assert flush(client)["pending"] == 1
     db.execute(
         "update usage_records set meter_attempts = 9 where organisation_id = %s", (org["id"],)
     )
@@ -197,6 +204,7 @@ def test_an_event_undelivered_after_the_grace_hour_moves_to_the_current_cycle(
     report(
         client, org["id"], "stuck", call_duration_minutes=4, ended_at=at(NOW - timedelta(hours=1))
     )
+    assert flush(client)["pending"] == 1
     assert [c["minutes_used"] for c in cycles_of(db, sub["id"])] == [4, 0]
     # The grace hour ends while it waits.
     db.execute(
@@ -226,6 +234,7 @@ def test_an_unknown_outcome_past_the_grace_hour_is_unconfirmed_not_resent(
     sub, previous, _ = two_periods(org, plan, subscribe, db, ended_ago=timedelta(minutes=30))
     meter.fail_next("timeout")  # Stripe may have it
     report(client, org["id"], "maybe", ended_at=at(NOW - timedelta(hours=1)))
+    assert flush(client)["pending"] == 1
     assert usage_row(db, org["id"], "maybe")["meter_outcome_unknown_at"] is not None
     db.execute(
         "update billing_cycles set period_end = period_end - interval '1 hour' where id = %s",
@@ -252,6 +261,7 @@ def test_after_23_hours_only_an_event_stripe_surely_lacks_is_resent(
     org = subscribed["org"]
     meter.fail_next(failure)
     report(client, org["id"], "day-old")
+    assert flush(client)["pending"] == 1
     db.execute(
         "update usage_records set meter_next_attempt_at = now(),"
         " meter_outcome_unknown_at = meter_outcome_unknown_at - interval '23 hours'"
@@ -299,10 +309,12 @@ def test_requeue_puts_failed_usage_back_once_its_cause_is_fixed(
 ):
     org, plan = customer_org(), make_plan()
     sub, previous, current = two_periods(org, plan, subscribe, db, ended_ago=timedelta(minutes=20))
-    refusal = stripe_error(400, "No such customer: 'cus_x'", code="resource_missing")
+    refusal = invalid_field("events[0][payload][stripe_customer_id]", "No such customer: 'cus_x'")
     meter.fail_next(refusal, refusal)
     report(client, org["id"], "now", ended_at=at(NOW))
+    assert flush(client)["failed"] == 1
     report(client, org["id"], "before", ended_at=at(previous["period_end"] - timedelta(hours=1)))
+    assert flush(client)["failed"] == 1
     db.execute(
         "update billing_cycles set stripe_invoice_id = 'in_2' where id = %s", (previous["id"],)
     )
@@ -335,8 +347,9 @@ def test_requeue_filters_by_organisation_and_date(
     orgs = [customer_org(), customer_org()]
     for org in orgs:
         subscribe(org, make_plan())
-        meter.fail_next(stripe_error(400, "Invalid value.", code="parameter_invalid_integer"))
+        meter.fail_next(invalid_field("events[0][payload][value]", "must be an integer."))
         report(client, org["id"], "refused", ended_at=at(NOW - timedelta(days=2)))
+        assert flush(client)["failed"] == 1
 
     later = (NOW - timedelta(days=1)).date().isoformat()
     assert requeue(db, p_organisation_id=orgs[0]["id"], p_since=later, p_dry_run=True)["rows"] == []

@@ -31,6 +31,7 @@ from tests.test_report_usage import (  # noqa: F401
     at,
     client,
     customer_org,
+    flush,
     report,
     subscribe,
     usage_row,
@@ -67,7 +68,7 @@ class FakeStripe:
         self.fail_events = 0
         self.throttle = 0
         self.summary_requests: list[dict[str, str]] = []
-        router.post("/v1/billing/meter_events").mock(side_effect=self.meter)
+        self.meter.mount(router)  # v1 meter events, the v2 session and stream
         router.get("/v1/billing/meters").mock(side_effect=self._meters)
         router.get(path__regex=r"^/v1/billing/meters/(?P<meter_id>[^/]+)/event_summaries$").mock(
             side_effect=self._summaries
@@ -240,13 +241,15 @@ def deliver_thin(
 
 
 def sent_rows(client: Any, db: Any, org: dict[str, Any], minutes: list[int]) -> list[dict]:
-    """One call per entry, each accepted by Stripe at once: their rows."""
-    rows = []
+    """One call per entry, each accepted by Stripe at the next flush: their rows."""
+    call_ids = []
     for n in minutes:
         call_id = f"call-{uuid.uuid4().hex[:8]}"
         ended = datetime.now(UTC) - timedelta(hours=2)
         assert report(client, org["id"], call_id, call_duration_minutes=n, ended_at=at(ended))
-        rows.append(usage_row(db, org["id"], call_id))
+        call_ids.append(call_id)
+    assert flush(client)["sent"] == len(minutes)
+    rows = [usage_row(db, org["id"], call_id) for call_id in call_ids]
     assert all(row["meter_status"] == "sent" for row in rows)
     return rows
 

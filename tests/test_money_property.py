@@ -20,16 +20,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
-from urllib.parse import parse_qs
 
-import httpx
 import psycopg
 import pytest
 import respx
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SERVICE_KEY, function_client, stripe_fixture
+from tests.conftest import SERVICE_KEY, function_client
+from tests.test_report_usage import FakeMeter
 from tests.test_webhook_support import (
     StripeStandIn,
     checkout_session_object,
@@ -38,7 +37,6 @@ from tests.test_webhook_support import (
     invoice_object,
     item_object,
     new_id,
-    stripe_error,
     subscription_object,
 )
 
@@ -59,40 +57,14 @@ def billed_minutes(seconds: float) -> int:
     return math.ceil(Fraction(repr(seconds)) / 60)
 
 
-class StripeMeter:
-    """POST /v1/billing/meter_events as Stripe answers it: an identifier is taken once (then
-    "already exists"), a timestamp older than 35 days is refused; `failures` answers the next
-    requests with a 429 (not recorded) or a 500 (not recorded here, outcome unknown to the caller)."""
-
-    def __init__(self) -> None:
-        self.events: dict[str, dict[str, str]] = {}
-        self.failures: list[int] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        form = {key: values[0] for key, values in parse_qs(request.content.decode()).items()}
-        if self.failures:
-            status = self.failures.pop(0)
-            kind = "rate_limit_error" if status == 429 else "api_error"
-            return stripe_error(status, kind, "Stripe is having a moment.")
-        identifier = form["identifier"]
-        if identifier in self.events:
-            message = f"An event already exists with identifier {identifier}."
-            return stripe_error(400, "invalid_request_error", message)
-        if int(form["timestamp"]) < time.time() - 35 * 86_400:
-            message = "Timestamp must be within the past 35 calendar days."
-            return stripe_error(400, "invalid_request_error", message, "timestamp_too_far_in_past")
-        self.events[identifier] = form
-        recorded = stripe_fixture("billing.meter_event")
-        recorded.update(identifier=identifier, timestamp=int(form["timestamp"]))
-        return httpx.Response(200, json=recorded)
-
-
 @pytest.fixture
-def stripe_side() -> Iterator[tuple[StripeStandIn, StripeMeter]]:
-    """Stripe's subscriptions (the stand-in) and its meter, on one respx router."""
+def stripe_side() -> Iterator[tuple[StripeStandIn, FakeMeter]]:
+    """Stripe's subscriptions (the stand-in) and its meter (v1 events, the v2 session and
+    stream; an identifier is taken once, an event older than 35 days is not counted), on one
+    respx router."""
     with respx.mock(base_url="https://api.stripe.com", assert_all_called=False) as router:
-        meter = StripeMeter()
-        router.post("/v1/billing/meter_events").mock(side_effect=meter)
+        meter = FakeMeter()
+        meter.mount(router)
         yield StripeStandIn(router), meter
 
 
@@ -501,11 +473,16 @@ class World:
         ended = self.ended_at(when, edges)
         if ended is not None:
             body["ended_at"] = ended.isoformat()
-        self.meter.failures = [failure] if failure else []
         response = self.usage_api.post("/", json=body, headers=AUTH)
-        self.meter.failures = []
         answer = response.get_json()
         assert response.status_code in (201, 202), answer
+        if answer["meter_status"] == "pending":
+            # Its first delivery at once, as the background flush makes it, Stripe answering
+            # `failure` (429: not taken; 500: perhaps taken); the flush step retries later.
+            self.meter.failures = [failure] if failure else []
+            flushed = self.usage_api.post("/", json={"action": "flush"}, headers=AUTH)
+            self.meter.failures = []
+            assert flushed.status_code == 200, flushed.get_json()
         assert answer["billed_minutes"] == billed_minutes(seconds), answer
         self.calls[(org.id, call_id)] = body
         self.say(

@@ -35,6 +35,7 @@ from tests.test_report_usage import (  # noqa: F401
     at,
     client,
     customer_org,
+    flush,
     month_after,
     report,
     subscribe,
@@ -72,8 +73,11 @@ def an_hour_passes(db: Any, org: dict[str, Any]) -> None:
 
 
 def call(client: Any, db: Any, org: dict[str, Any], minutes: int, ended: datetime) -> dict:
+    """One call reported and its meter event flushed at once (Stripe's answer decides whether
+    it is sent, failed or still pending): its row."""
     call_id = f"call-{minutes}-{uuid.uuid4().hex[:6]}"
     report(client, org["id"], call_id, call_duration_minutes=minutes, ended_at=at(ended))
+    assert flush(client)["requests"] == 1
     row: dict[str, Any] = usage_row(db, org["id"], call_id)
     return row
 

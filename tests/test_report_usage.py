@@ -11,6 +11,7 @@ import uuid
 from calendar import monthrange
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
@@ -22,7 +23,14 @@ import respx
 from jose import jwt
 
 from shared.errors import ConfigError
-from tests.conftest import JWT_SECRET, SERVICE_KEY, function_client, stripe_fixture, user_token
+from tests.conftest import (
+    JWT_SECRET,
+    SERVICE_KEY,
+    STRIPE_KEY,
+    function_client,
+    stripe_fixture,
+    user_token,
+)
 from tests.openapi_check import assert_documented
 
 FIELDS = {
@@ -40,18 +48,82 @@ FIELDS = {
 AUTH = {"Authorization": f"Bearer {SERVICE_KEY}"}
 
 
+METER_EVENTS_BASE = "https://meter-events.stripe.com"  # the v2 stream's own host at Stripe
+SESSION_SECONDS = 15 * 60  # a meter event session's life
+STREAM_MOST = 100  # events per stream request
+TOO_OLD = 35 * 86400  # Stripe counts no meter event older than 35 days
+AHEAD = 5 * 60  # nor one more than 5 minutes ahead
+
+
 def stripe_error(status: int, message: str, *, code: str | None = None) -> httpx.Response:
     kind = {400: "invalid_request_error", 429: "invalid_request_error"}.get(status, "api_error")
     error = {"type": kind, "message": message, "code": code}
     return httpx.Response(status, json={"error": error})
 
 
+def invalid_field(param: str, problem: str) -> httpx.Response:
+    """A v2 request whose fields are wrong, refused whole."""
+    error = {
+        "type": "invalid_request_error",
+        "code": "invalid_fields",
+        "message": f"Invalid {param}: {problem}",
+        "param": param,
+    }
+    return httpx.Response(400, json={"error": error})
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def parse_rfc3339(value: Any) -> int | None:
+    """Seconds since the epoch of an RFC 3339 time with its offset, else None."""
+    if not isinstance(value, str) or "T" not in value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return int(parsed.timestamp()) if parsed.tzinfo else None
+
+
+@dataclass
+class StreamRequest:
+    """One POST /v2/billing/meter_event_stream: its token, its events' identifiers in order, and
+    what became of it (an HTTP status, or "timeout" / "connect" when no answer came), its key."""
+
+    token: str
+    identifiers: list[str]
+    status: int | str
+    key: str | None = None  # its Idempotency-Key
+
+
 class FakeMeter:
-    """POST /v1/billing/meter_events as Stripe answers it: fixture-shaped events, identifiers
-    unique, an Idempotency-Key replays its first answer (a 500 included, as Stripe documents;
-    429, 401 and 403 are answered before the endpoint runs, so they are not kept), timestamps
-    older than 35 days refused. `fail_next` queues failures (500, 429, 401, 403, "timeout", a
-    Stripe answer as an httpx.Response, or a callable that raises)."""
+    """Stripe's meter, both ways in, with Stripe's semantics (fixture shapes).
+
+    v1 `POST /v1/billing/meter_events` (form-encoded, one event; reconciliation's repairs use it):
+    identifiers unique, an Idempotency-Key replays its first answer (a 500 included, as Stripe
+    documents; 429, 401 and 403 are answered before the endpoint runs, so they are not kept),
+    timestamps older than 35 days refused.
+
+    v2: `POST /v2/billing/meter_event_session` (the secret key) answers a session whose
+    `authentication_token` lives 15 minutes on the fake's clock (`advance` moves it on);
+    `POST https://meter-events.stripe.com/v2/billing/meter_event_stream` (Bearer: a live
+    session's token; an expired one is a 401 `temporary_session_expired`, an unknown one a 401)
+    takes `{"events": [...]}`, 1 to 100 events of event_name, identifier, payload (strings) and
+    an RFC 3339 timestamp. A request breaking that shape is refused whole (400 `invalid_fields`
+    naming the `param`); otherwise it answers `{}` and validates each event afterwards, as Stripe
+    does: an identifier already on the meter is ignored (`ignored`), an event too old or too far
+    ahead is not counted (`invalid`, what the next error report would sample).
+
+    `events`: what the meter counts, by identifier, each as a v1 form (timestamp in seconds).
+    `requests`: every event that reached Stripe, in order, as such a form (a stream request: each
+    of its events).
+    `stream`: every stream request. `fail_next` queues failures of the next meter requests (v1 or
+    stream): 500, 429, 401, 403, "timeout" (no answer, Stripe took nothing), "connect" (no
+    connection), a Stripe answer as an httpx.Response, or a callable that raises (Stripe took the
+    request, then the caller died before hearing back). `fail_sessions` does the same for session
+    requests (a status or "connect")."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -60,24 +132,61 @@ class FakeMeter:
         self.keys: list[str | None] = []
         self.replies: dict[str, tuple[int, Any]] = {}
         self.failures: list[Any] = []
+        self.session_failures: list[Any] = []
         self.delay = 0.0
+        self.offset = 0.0
+        self.session_seconds = SESSION_SECONDS
+        self.sessions: dict[str, float] = {}  # token: when it expires, on the fake's clock
+        self.stream: list[StreamRequest] = []
+        self.ignored: list[str] = []
+        self.invalid: list[tuple[str, str]] = []
+
+    def mount(self, router: respx.Router) -> None:
+        router.post("https://api.stripe.com/v1/billing/meter_events").mock(side_effect=self)
+        router.post("https://api.stripe.com/v2/billing/meter_event_session").mock(
+            side_effect=self.create_session
+        )
+        router.post(f"{METER_EVENTS_BASE}/v2/billing/meter_event_stream").mock(
+            side_effect=self.stream_events
+        )
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        """Time passes at Stripe (sessions expire)."""
+        with self.lock:
+            self.offset += seconds
 
     def fail_next(self, *failures: Any) -> None:
         with self.lock:
             self.failures.extend(failures)
+
+    def fail_sessions(self, *failures: Any) -> None:
+        with self.lock:
+            self.session_failures.extend(failures)
 
     def sent(self, identifier: str) -> int:
         """How many requests carried this identifier."""
         with self.lock:
             return sum(form["identifier"] == identifier for form in self.requests)
 
+    def taken(self) -> list[StreamRequest]:
+        """The stream requests Stripe answered 200."""
+        with self.lock:
+            return [request for request in self.stream if request.status == 200]
+
+    # -- v1: one event per request, form-encoded
+
     def __call__(self, request: httpx.Request) -> httpx.Response:
         form = {key: values[0] for key, values in parse_qs(request.content.decode()).items()}
         key = request.headers.get("Idempotency-Key")
         with self.lock:
+            failure = self.failures.pop(0) if self.failures else None
+            if failure == "connect":  # it never reached Stripe
+                raise httpx.ConnectError("connection refused", request=request)
             self.requests.append(form)
             self.keys.append(key)
-            failure = self.failures.pop(0) if self.failures else None
         if self.delay:
             time.sleep(self.delay)
         if failure == "timeout":
@@ -105,7 +214,7 @@ class FakeMeter:
         if identifier in self.events:
             message = f"An event already exists with identifier {identifier}."
             return 400, {"error": {"type": "invalid_request_error", "message": message}}
-        if int(form["timestamp"]) < time.time() - 35 * 86400:
+        if int(form["timestamp"]) < self.now() - TOO_OLD:
             message = "Timestamp must be within the past 35 calendar days."
             error = {"type": "invalid_request_error", "message": message, "param": "timestamp"}
             return 400, {"error": {**error, "code": "timestamp_too_far_in_past"}}
@@ -122,12 +231,150 @@ class FakeMeter:
         )
         return 200, event
 
+    # -- v2: sessions, and the stream
+
+    def create_session(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            failure = self.session_failures.pop(0) if self.session_failures else None
+        if failure == "connect":
+            raise httpx.ConnectError("connection refused", request=request)
+        if isinstance(failure, int):
+            return stripe_error(failure, "Stripe is having a moment.")
+        if request.headers.get("Authorization") != f"Bearer {STRIPE_KEY}":
+            return stripe_error(401, "Invalid API Key provided.")
+        with self.lock:
+            now = self.now()
+            token = f"ek_test_{uuid.uuid4().hex}"
+            self.sessions[token] = now + self.session_seconds
+        session = {
+            "id": f"mes_test_{uuid.uuid4().hex[:24]}",
+            "object": "v2.billing.meter_event_session",
+            "authentication_token": token,
+            "created": rfc3339(now),
+            "expires_at": rfc3339(now + self.session_seconds),
+            "livemode": False,
+        }
+        return httpx.Response(200, json=session)
+
+    def stream_events(self, request: httpx.Request) -> httpx.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        key = request.headers.get("Idempotency-Key")
+        try:
+            body = json.loads(request.content or b"{}")
+        except ValueError:
+            return invalid_field("body", "must be JSON.")
+        given = body.get("events") if isinstance(body, dict) else None
+        events = [e for e in given if isinstance(e, dict)] if isinstance(given, list) else []
+        sent = StreamRequest(token, [str(e.get("identifier")) for e in events], 0, key)
+        with self.lock:
+            self.stream.append(sent)
+            failure = self.failures.pop(0) if self.failures else None
+            if failure == "connect":  # it never reached Stripe
+                sent.status = failure
+                raise httpx.ConnectError("connection refused", request=request)
+            self.requests.extend(self.as_form(event) for event in events)
+        if self.delay:
+            time.sleep(self.delay)
+        if failure == "timeout":
+            sent.status = failure
+            raise httpx.ReadTimeout("timed out", request=request)
+        if failure in (429, 401, 403):
+            sent.status = failure
+            return stripe_error(failure, "Stripe is having a moment.")
+        with self.lock:
+            expires = self.sessions.get(token)
+            if expires is None:
+                sent.status = 401
+                return stripe_error(401, "Invalid meter event session token provided.")
+            if self.now() >= expires:
+                sent.status = 401
+                message = "The meter event session has expired. Create a new one."
+                error = {
+                    "type": "temporary_session_expired",
+                    "code": "billing_meter_event_session_expired",
+                    "message": message,
+                }
+                return httpx.Response(401, json={"error": error})
+            if key is not None and key in self.replies:
+                status, answer = self.replies[key]
+            else:
+                if failure == 500:
+                    status, answer = 500, {"error": {"type": "api_error", "message": "Erred."}}
+                elif isinstance(failure, httpx.Response):
+                    status, answer = failure.status_code, failure.json()
+                else:
+                    refused = self.refusal(given)
+                    if refused is not None:
+                        status, answer = refused.status_code, refused.json()
+                    else:
+                        status, answer = 200, {}
+                        for event in events:
+                            self.ingest(event)
+                if key is not None:
+                    self.replies[key] = (status, answer)
+            sent.status = status
+        if callable(failure):
+            failure()  # Stripe took the batch, then the caller died before hearing back
+        return httpx.Response(status, json=answer)
+
+    @staticmethod
+    def refusal(events: Any) -> httpx.Response | None:
+        """The request's shape checked, as Stripe does before answering."""
+        if not isinstance(events, list) or not 1 <= len(events) <= STREAM_MOST:
+            return invalid_field("events", f"a list of 1 to {STREAM_MOST} meter events.")
+        for i, event in enumerate(events):
+            at = f"events[{i}]"
+            if not isinstance(event, dict):
+                return invalid_field(at, "must be an object.")
+            if not isinstance(event.get("event_name"), str) or not event["event_name"]:
+                return invalid_field(f"{at}[event_name]", "is required.")
+            payload = event.get("payload")
+            if not isinstance(payload, dict) or not all(
+                isinstance(v, str) for v in payload.values()
+            ):
+                return invalid_field(f"{at}[payload]", "must be an object of strings.")
+            identifier = event.get("identifier")
+            if identifier is not None and (
+                not isinstance(identifier, str) or len(identifier) > 100
+            ):
+                return invalid_field(f"{at}[identifier]", "at most 100 characters.")
+            if "timestamp" in event and parse_rfc3339(event["timestamp"]) is None:
+                return invalid_field(f"{at}[timestamp]", "must be an RFC 3339 time.")
+        return None
+
+    def ingest(self, event: dict[str, Any]) -> None:
+        """One accepted event validated afterwards (the lock held)."""
+        form = self.as_form(event)
+        identifier = form["identifier"]
+        if identifier in self.events:
+            self.ignored.append(identifier)
+            return
+        now = self.now()
+        if int(form["timestamp"]) < now - TOO_OLD:
+            self.invalid.append((identifier, "timestamp_too_far_in_past"))
+        elif int(form["timestamp"]) > now + AHEAD:
+            self.invalid.append((identifier, "timestamp_in_future"))
+        else:
+            self.events[identifier] = form
+
+    def as_form(self, event: dict[str, Any]) -> dict[str, str]:
+        """A streamed event as the v1 form that says the same."""
+        payload = event.get("payload") if isinstance(event.get("payload"), dict) else {}
+        seconds = parse_rfc3339(event.get("timestamp", rfc3339(self.now())))
+        return {
+            "event_name": str(event.get("event_name")),
+            "identifier": str(event.get("identifier") or f"mev_{uuid.uuid4().hex}"),
+            "payload[stripe_customer_id]": str(payload.get("stripe_customer_id")),
+            "payload[value]": str(payload.get("value")),
+            "timestamp": str(seconds if seconds is not None else event.get("timestamp")),
+        }
+
 
 @pytest.fixture
 def meter() -> Iterator[FakeMeter]:
     fake = FakeMeter()
-    with respx.mock(base_url="https://api.stripe.com", assert_all_called=False) as stripe_mock:
-        stripe_mock.post("/v1/billing/meter_events").mock(side_effect=fake)
+    with respx.mock(assert_all_called=False) as stripe_mock:
+        fake.mount(stripe_mock)
         yield fake
 
 
@@ -227,6 +474,15 @@ def report(client: Any, org_id: Any, call_id: str | None = None, **fields: Any) 
     return response
 
 
+def flush(client: Any, **body: Any) -> dict[str, int]:
+    """POST {"action": "flush"}: the due meter events delivered; what became of them."""
+    response = client.post("/", json={"action": "flush", **body}, headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    assert_documented("/report-usage", "POST", 200, response.get_json())
+    result: dict[str, int] = response.get_json()
+    return result
+
+
 def current_cycle(client: Any, query: str) -> Any:
     response = client.get(f"/{query}", headers=AUTH)
     assert_documented("/report-usage", "GET", response.status_code, response.get_json())
@@ -237,6 +493,12 @@ def cycles_of(db: Any, sub_id: Any) -> list[dict[str, Any]]:
     return db.execute(
         "select * from billing_cycles where subscription_id = %s order by period_start", (sub_id,)
     ).fetchall()
+
+
+def cycle_state(db: Any, sub_id: Any) -> list[dict[str, Any]]:
+    """The cycles as a repeat must leave them: every column but `updated_at` (a repeat's minutes
+    are added and taken back in its transaction, sql/0070, which touches the timestamp)."""
+    return [{k: v for k, v in c.items() if k != "updated_at"} for c in cycles_of(db, sub_id)]
 
 
 def usage_row(db: Any, org_id: Any, call_id: str) -> dict[str, Any]:
@@ -255,13 +517,16 @@ def test_first_report_bills_rounded_minutes_and_sends_one_meter_event(
     org, ended = subscribed["org"], NOW - timedelta(minutes=3)
     response = report(client, org["id"], "call-1", call_duration_seconds=61, ended_at=at(ended))
 
-    assert response.status_code == 201
+    assert response.status_code == 202  # recorded; its meter event queued for the flush
     body = response.get_json()
     assert set(body) == FIELDS
     assert body["billed_minutes"] == 2
     assert body["minutes_used"] == 2 and body["included_minutes"] == 500
     assert body["overage_minutes"] == 0 and body["overage_cost_cents"] == 0
-    assert body["meter_status"] == "sent" and body["alerts"] == [] and body["duplicate"] is False
+    assert body["meter_status"] == "pending" and body["alerts"] == [] and body["duplicate"] is False
+    assert meter.requests == []  # the report did not wait for Stripe
+
+    assert flush(client) == {"sent": 1, "pending": 0, "failed": 0, "requests": 1}
 
     identifier = identifier_for(org["id"], "call-1")
     assert len(identifier) <= 100
@@ -274,7 +539,9 @@ def test_first_report_bills_rounded_minutes_and_sends_one_meter_event(
             "timestamp": str(int(ended.timestamp())),
         }
     ]
-    assert meter.keys == [f"{identifier}-1"]
+    assert [(r.identifiers, r.status) for r in meter.stream] == [([identifier], 200)]
+    assert meter.stream[0].token in meter.sessions  # authenticated by a meter event session
+    assert list(meter.events) == [identifier]
     row = usage_row(db, org["id"], "call-1")
     assert str(row["id"]) == body["usage_record_id"]
     assert row["meter_status"] == "sent" and row["meter_identifier"] == identifier
@@ -296,9 +563,11 @@ def test_first_report_bills_rounded_minutes_and_sends_one_meter_event(
 )
 def test_minutes_are_rounded_up(client, meter, subscribed, field, value, minutes):
     response = report(client, subscribed["org"]["id"], **{field: value})
-    assert response.status_code == 201
+    assert response.status_code == 202
     assert response.get_json()["billed_minutes"] == minutes
-    assert meter.requests[0]["payload[value]"] == str(minutes)
+    assert flush(client)["sent"] == 1
+    [sent] = meter.events.values()
+    assert sent["payload[value]"] == str(minutes)
 
 
 @pytest.mark.parametrize("field", ["call_duration_seconds", "call_duration_minutes"])
@@ -308,6 +577,7 @@ def test_zero_length_call_bills_nothing_and_sends_nothing(client, meter, db, sub
     body = response.get_json()
     assert body["billed_minutes"] == 0 and body["minutes_used"] == 0
     assert body["meter_status"] == "skipped"
+    assert flush(client)["requests"] == 0
     assert meter.requests == []
     assert usage_row(db, subscribed["org"]["id"], "zero")["meter_status"] == "skipped"
 
@@ -316,14 +586,22 @@ def test_repeat_returns_the_first_result_and_changes_nothing(client, meter, db, 
     org = subscribed["org"]
     first = report(client, org["id"], "again", call_duration_seconds=600)
     report(client, org["id"], "other", call_duration_seconds=60)
-    before = cycles_of(db, subscribed["sub"]["id"])
+    before = cycle_state(db, subscribed["sub"]["id"])
 
     repeat = report(client, org["id"], "again", call_duration_seconds=9000)
 
-    assert first.status_code == 201 and repeat.status_code == 200
+    assert first.status_code == 202 and repeat.status_code == 200
     assert repeat.get_json() == {**first.get_json(), "duplicate": True}
     assert repeat.get_json()["minutes_used"] == 10  # the totals right after the first report
-    assert cycles_of(db, subscribed["sub"]["id"]) == before
+    assert cycle_state(db, subscribed["sub"]["id"]) == before
+    assert flush(client)["sent"] == 2
+    assert meter.sent(identifier_for(org["id"], "again")) == 1
+    assert meter.events[identifier_for(org["id"], "again")]["payload[value]"] == "10"
+    # Once delivered, a repeat says so; everything else is still the first result.
+    after = report(client, org["id"], "again", call_duration_seconds=1)
+    assert after.status_code == 200
+    assert after.get_json() == {**first.get_json(), "duplicate": True, "meter_status": "sent"}
+    assert cycle_state(db, subscribed["sub"]["id"]) == before
     assert meter.sent(identifier_for(org["id"], "again")) == 1
 
 
@@ -334,8 +612,13 @@ def test_the_same_call_id_in_two_organisations_is_two_calls(
     subscribe(other, subscribed["plan"])
     first = report(client, subscribed["org"]["id"], "shared-id")
     second = report(client, other["id"], "shared-id")
-    assert first.status_code == second.status_code == 201
-    assert len(meter.events) == 2
+    assert first.status_code == second.status_code == 202
+    assert first.get_json()["usage_record_id"] != second.get_json()["usage_record_id"]
+    assert flush(client)["sent"] == 2
+    assert set(meter.events) == {
+        identifier_for(subscribed["org"]["id"], "shared-id"),
+        identifier_for(other["id"], "shared-id"),
+    }
 
 
 def test_fifty_concurrent_identical_reports_count_once(client, meter, db, subscribed):
@@ -350,11 +633,14 @@ def test_fifty_concurrent_identical_reports_count_once(client, meter, db, subscr
         responses = list(pool.map(one, range(50)))
 
     statuses = sorted(r.status_code for r in responses)
-    assert statuses == [200] * 49 + [201]
+    assert statuses == [200] * 49 + [202]
     bodies = [r.get_json() for r in responses]
     assert {b["usage_record_id"] for b in bodies} == {bodies[0]["usage_record_id"]}
     assert all(b["billed_minutes"] == 3 and b["minutes_used"] == 3 for b in bodies)
+    assert meter.requests == []
+    assert flush(client)["sent"] == 1
     assert meter.sent(identifier_for(org["id"], "storm")) == 1
+    assert meter.events[identifier_for(org["id"], "storm")]["payload[value]"] == "3"
     count = db.execute(
         "select count(*) as n from usage_records where organisation_id = %s", (org["id"],)
     ).fetchone()
@@ -376,7 +662,10 @@ def test_two_hundred_concurrent_calls_add_up_to_the_minute(
     with ThreadPoolExecutor(max_workers=20) as pool:
         responses = list(pool.map(one, range(200)))
 
-    assert {r.status_code for r in responses} == {201}
+    # Zero-length calls have no meter event (201); every other call's is queued (202).
+    assert [r.status_code for r in responses] == [202 if d else 201 for d in durations]
+    metered = [d for d in durations if d > 0]
+    assert flush(client) == {"sent": len(metered), "pending": 0, "failed": 0, "requests": 2}
     billed = sum(-(-d // 60) for d in durations)
     cycle = cycles_of(db, sub["id"])[0]
     assert cycle["minutes_used"] == billed == sum(r.get_json()["billed_minutes"] for r in responses)
@@ -384,7 +673,6 @@ def test_two_hundred_concurrent_calls_add_up_to_the_minute(
     assert cycle["overage_cost_cents"] == (billed - 100) * 7
     # Each report saw its own total: the running totals are a permutation of the prefix sums.
     assert max(r.get_json()["minutes_used"] for r in responses) == billed
-    metered = [d for d in durations if d > 0]
     assert len(meter.events) == len(metered) == len(meter.requests)
     assert sum(int(e["payload[value]"]) for e in meter.events.values()) == billed
     alerts = db.execute(
@@ -512,7 +800,10 @@ def test_a_call_in_a_short_first_period_without_a_cycle_opens_that_period(
 
     body = report(client, org["id"], "in-trial", call_duration_minutes=3).get_json()
 
-    assert body["meter_status"] == "sent" and body["minutes_used"] == 3
+    assert body["meter_status"] == "pending" and body["minutes_used"] == 3
+    assert flush(client)["sent"] == 1
+    assert usage_row(db, org["id"], "in-trial")["meter_status"] == "sent"
+    assert meter.events[identifier_for(org["id"], "in-trial")]["payload[value]"] == "3"
     cycles = cycles_of(db, sub["id"])
     assert [(c["period_start"], c["period_end"]) for c in cycles] == [(trial_start, trial_end)]
 
@@ -535,6 +826,7 @@ def test_no_subscription_is_recorded_and_skipped(client, meter, db, customer_org
     body = response.get_json()
     assert body["billed_minutes"] == 5 and body["meter_status"] == "skipped"
     assert body["minutes_used"] is None and body["alerts"] == []
+    assert flush(client)["requests"] == 0
     assert meter.requests == []
     assert usage_row(db, org["id"], "free")["billed_minutes"] == 5
 
@@ -545,6 +837,7 @@ def test_a_call_before_the_first_period_is_recorded_unmetered(client, meter, db,
     assert response.status_code == 201
     assert response.get_json()["meter_status"] == "skipped"
     assert len(cycles_of(db, subscribed["sub"]["id"])) == 1
+    assert flush(client)["requests"] == 0
     assert meter.requests == []
 
 
@@ -559,9 +852,13 @@ def test_a_late_report_after_cancellation_counts_in_its_period(
 ):
     org = customer_org()
     ended = subscribe(org, make_plan(), status="canceled")
-    body = report(client, org["id"], "late", ended_at=at(NOW - timedelta(hours=2))).get_json()
-    assert body["meter_status"] == "sent" and body["minutes_used"] == 2
+    ended_at = NOW - timedelta(hours=2)
+    body = report(client, org["id"], "late", ended_at=at(ended_at)).get_json()
+    assert body["meter_status"] == "pending" and body["minutes_used"] == 2
     assert cycles_of(db, ended["id"])[0]["minutes_used"] == 2
+    assert flush(client)["sent"] == 1
+    sent = meter.events[identifier_for(org["id"], "late")]
+    assert sent["payload[value]"] == "2" and sent["timestamp"] == str(int(ended_at.timestamp()))
 
 
 def test_a_new_subscription_wins_over_a_cancelled_one(
@@ -616,7 +913,7 @@ def test_a_report_racing_a_subscription_update_does_not_deadlock(
         webhook.commit()
         response = racing.result(timeout=10)
 
-    assert response.status_code == 201, response.get_json()
+    assert response.status_code == 202, response.get_json()
     assert cycles_of(db, sub["id"])[0]["minutes_used"] == 2
 
 
@@ -625,12 +922,11 @@ def test_a_report_racing_a_subscription_update_does_not_deadlock(
 
 def test_stripe_refusing_for_good_marks_failed_with_its_reason(client, meter, db, subscribed):
     org = subscribed["org"]
-    meter.fail_next(
-        stripe_error(400, "Invalid value: the meter event payload value must be an integer.")
-    )
+    meter.fail_next(invalid_field("events[0][payload]", "the value must be an integer."))
     response = report(client, org["id"], "refused")
-    assert response.status_code == 201
-    assert response.get_json()["meter_status"] == "failed"
+    assert response.status_code == 202
+    assert flush(client) == {"sent": 0, "pending": 0, "failed": 1, "requests": 1}
+    assert meter.events == {}
     row = usage_row(db, org["id"], "refused")
     assert row["meter_status"] == "failed" and "must be an integer" in row["meter_error"]
     assert row["billed_minutes"] == 2  # the minutes are still counted in the cycle
@@ -642,7 +938,10 @@ def test_identifier_already_at_stripe_counts_as_sent(client, meter, db, subscrib
     identifier = identifier_for(org["id"], "known")
     meter.events[identifier] = {"identifier": identifier}  # e.g. sent before a key expired
     response = report(client, org["id"], "known")
-    assert response.status_code == 201 and response.get_json()["meter_status"] == "sent"
+    assert response.status_code == 202 and response.get_json()["meter_status"] == "pending"
+    assert flush(client)["sent"] == 1
+    assert meter.ignored == [identifier]  # Stripe kept the first, ignored this one
+    assert meter.events[identifier] == {"identifier": identifier}
     assert usage_row(db, org["id"], "known")["meter_status"] == "sent"
 
 
@@ -653,6 +952,8 @@ def test_stripe_unavailable_keeps_the_event_pending(client, meter, db, subscribe
     response = report(client, org["id"], "busy")
     assert response.status_code == 202
     assert response.get_json()["meter_status"] == "pending"
+    assert flush(client) == {"sent": 0, "pending": 1, "failed": 0, "requests": 1}
+    assert meter.events == {}
     row = usage_row(db, org["id"], "busy")
     assert row["meter_status"] == "pending" and row["meter_attempts"] == 1
     assert row["meter_error"] and row["meter_next_attempt_at"] > datetime.now(UTC)
@@ -693,7 +994,7 @@ def test_a_service_role_jwt_is_accepted(client, meter, subscribed):
     token = jwt.encode(claims, JWT_SECRET, algorithm="HS256")
     body = {"org_id": str(subscribed["org"]["id"]), "call_id": "jwt", "call_duration_seconds": 1}
     response = client.post("/", json=body, headers={"Authorization": f"Bearer {token}"})
-    assert response.status_code == 201
+    assert response.status_code == 202
 
 
 def test_unknown_organisation_is_404(client, meter):
@@ -792,16 +1093,19 @@ def test_an_ended_at_without_offset_is_utc_and_five_minutes_ahead_is_fine(
 ):
     org = subscribed["org"]
     naive = (NOW - timedelta(hours=1)).replace(tzinfo=None).isoformat()
-    assert report(client, org["id"], "naive", ended_at=naive).status_code == 201
+    assert report(client, org["id"], "naive", ended_at=naive).status_code == 202
     assert usage_row(db, org["id"], "naive")["ended_at"] == NOW - timedelta(hours=1)
     soon = at(datetime.now(UTC) + timedelta(minutes=4))
-    assert report(client, org["id"], "soon", ended_at=soon).status_code == 201
+    assert report(client, org["id"], "soon", ended_at=soon).status_code == 202
+    assert flush(client)["sent"] == 2
+    sent = meter.events[identifier_for(org["id"], "soon")]
+    assert sent["timestamp"] == str(int(datetime.fromisoformat(soon).timestamp()))
 
 
 def test_ended_at_defaults_to_now(client, meter, db, subscribed):
     org = subscribed["org"]
     before = datetime.now(UTC) - timedelta(seconds=5)
-    assert report(client, org["id"], "now").status_code == 201
+    assert report(client, org["id"], "now").status_code == 202
     assert usage_row(db, org["id"], "now")["ended_at"] >= before
 
 

@@ -57,7 +57,8 @@ class StripeError(Exception):
         """API v2's shape: {"error": {"type", "code", "message"}} (a missing code: invalid_fields
         for a 400, as v2 answers a request whose fields are wrong)."""
         code = self.code or ("invalid_fields" if self.status == 400 else None)
-        return {"error": {"type": self.type, "code": code, "message": self.message}}
+        error = {"type": self.type, "code": code, "message": self.message}
+        return {"error": error | ({"param": self.param} if self.param else {})}
 
 
 def missing(param: str) -> StripeError:
