@@ -877,7 +877,8 @@ def test_a_report_racing_a_subscription_update_does_not_deadlock(
     client, meter, db, database_url, subscribed
 ):
     """The webhook's apply_subscription_state locks the subscription, then its cycle; a report
-    takes them in the same order, so one waits for the other instead of one being aborted."""
+    locks only the cycle (sql/0070), so it waits for the webhook's cycle lock and neither is
+    aborted; while the webhook holds only the subscription, a report does not wait at all."""
     org, plan, sub = subscribed["org"], subscribed["plan"], subscribed["sub"]
     cycle = cycles_of(db, sub["id"])[0]
     period = {
@@ -897,6 +898,10 @@ def test_a_report_racing_a_subscription_update_does_not_deadlock(
     with ThreadPoolExecutor(1) as pool, psycopg.connect(database_url) as webhook:
         # The webhook's first step: the subscription row, locked until it commits.
         webhook.execute("select 1 from subscriptions where id = %s for update", (sub["id"],))
+        before = report(client.application.test_client(), org["id"], "while-held")
+        assert before.status_code == 202  # the subscription lock holds no report up
+        # Its next: the cycle (sync_cycles), which the report must wait for.
+        webhook.execute("select 1 from billing_cycles where id = %s for update", (cycle["id"],))
         racing = pool.submit(report, client.application.test_client(), org["id"], "racing")
         waiting = (
             "select count(*) as n from pg_stat_activity where datname = current_database()"
@@ -914,7 +919,8 @@ def test_a_report_racing_a_subscription_update_does_not_deadlock(
         response = racing.result(timeout=10)
 
     assert response.status_code == 202, response.get_json()
-    assert cycles_of(db, sub["id"])[0]["minutes_used"] == 2
+    assert response.get_json()["minutes_used"] == 4
+    assert cycles_of(db, sub["id"])[0]["minutes_used"] == 4
 
 
 # ------------------------------------------------------------------ Stripe's answers
