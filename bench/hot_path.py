@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -317,16 +319,72 @@ def http_load(
 
 # --- cold start --------------------------------------------------------------------------------
 
-# function directory -> (entry point, method, expected status of a first request without
-# credentials or with the service key): a request each answers through its whole app.
+JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123456789"  # noqa: S105 (a local run's)
+WEBHOOK_SECRET = "whsec_bench0metered0billing"  # noqa: S105 (a local run's)
+
+# function directory -> (entry point, expected status of its first request). Each first request
+# is a real one, authenticated as its callers do: a report with the service key (202), a signed
+# Stripe event of a type nobody handles (200), a user's token on a body it refuses (422), and a
+# user of no organisation asking for its billing page (404).
 COLD_FUNCTIONS = {
-    "report-usage": ("report_usage", "GET", 200),
-    "stripe-webhook-handler": ("stripe_webhook_handler", "POST", 400),
-    "create-checkout-session": ("create_checkout_session", "POST", 401),
-    "create-portal-session": ("create_portal_session", "POST", 401),
-    "change-plan": ("change_plan", "POST", 401),
-    "billing-overview": ("billing_overview", "GET", 401),
+    "report-usage": ("report_usage", 202),
+    "stripe-webhook-handler": ("stripe_webhook_handler", 200),
+    "create-checkout-session": ("create_checkout_session", 422),
+    "create-portal-session": ("create_portal_session", 422),
+    "change-plan": ("change_plan", 422),
+    "billing-overview": ("billing_overview", 404),
 }
+
+
+def first_request(name: str, org: str) -> Callable[[str], int]:
+    """The first request `name` answers in a cold-start measurement."""
+
+    def send(url: str) -> int:
+        if name == "report-usage":
+            body = {"org_id": org, "call_id": uuid.uuid4().hex, "call_duration_seconds": 61}
+            return httpx.post(url, json=body, headers=auth(), timeout=10).status_code
+        if name == "stripe-webhook-handler":
+            event = json.dumps(
+                {
+                    "id": f"evt_cold{uuid.uuid4().hex[:16]}",
+                    "object": "event",
+                    "type": "ping",
+                    "api_version": "2026-10-28.endive",
+                    "created": int(time.time()),
+                    "data": {"object": {}},
+                    "livemode": False,
+                }
+            )
+            stamp = str(int(time.time()))
+            mac = hmac.new(WEBHOOK_SECRET.encode(), f"{stamp}.{event}".encode(), hashlib.sha256)
+            signed = {
+                "Stripe-Signature": f"t={stamp},v1={mac.hexdigest()}",
+                "Content-Type": "application/json",
+            }
+            return httpx.post(url, content=event, headers=signed, timeout=10).status_code
+        token = {"Authorization": f"Bearer {user_token()}"}
+        if name == "billing-overview":
+            return httpx.get(url, headers=token, timeout=10).status_code
+        return httpx.post(
+            url, json={"plan_id": "not-a-plan"}, headers=token, timeout=10
+        ).status_code
+
+    return send
+
+
+def user_token() -> str:
+    """A signed-in user of no organisation (HS256, as Supabase's legacy tokens)."""
+    from jose import jwt
+
+    now = int(time.time())
+    claims = {
+        "sub": str(uuid.uuid4()),
+        "aud": "authenticated",
+        "role": "authenticated",
+        "iat": now,
+        "exp": now + 600,
+    }
+    return str(jwt.encode(claims, JWT_SECRET, algorithm="HS256"))
 
 
 def cold_start(
@@ -368,20 +426,12 @@ def cold_starts(bare_source: Path, env: dict[str, str], org: str, runs: int) -> 
     def bare(u: str) -> int:
         return httpx.post(u, json={"ping": 1}, timeout=5).status_code
 
-    def probe(method: str) -> Callable[[str], int]:
-        def first(u: str) -> int:
-            if method == "GET":
-                return httpx.get(u, params={"org_id": org}, headers=auth(), timeout=5).status_code
-            return httpx.post(u, json={}, timeout=5).status_code
-
-        return first
-
     times: dict[str, list[float]] = {"bare": []}
     for _ in range(runs):
         times["bare"].append(cold_start(bare_source, "bare", {}, bare, 201))
-        for name, (target, method, expected) in COLD_FUNCTIONS.items():
+        for name, (target, expected) in COLD_FUNCTIONS.items():
             source = ROOT / "functions" / name / "main.py"
-            took = cold_start(source, target, env, probe(method), expected)
+            took = cold_start(source, target, env, first_request(name, org), expected)
             times.setdefault(name, []).append(took)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -734,9 +784,9 @@ def main() -> int:
                     "DATABASE_URL": url,
                     "STRIPE_SECRET_KEY": "sk_test_bench0metered0billing",
                     "STRIPE_API_BASE": stripe_url,
-                    "STRIPE_WEBHOOK_SECRET": "whsec_bench0metered0billing",
+                    "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
                     "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
-                    "SUPABASE_JWT_SECRET": "bench-jwt-secret-0123456789abcdef0123456789",
+                    "SUPABASE_JWT_SECRET": JWT_SECRET,
                     "WEBSITE_URL": "http://127.0.0.1:5173",
                 }
                 cold = cold_starts(bare_source, env, orgs["get"], args.cold_runs)

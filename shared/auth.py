@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import flask
-import httpx
-from jose import jwk, jwt
-from jose.exceptions import ExpiredSignatureError, JOSEError, JWTClaimsError
 
 from shared.errors import Forbidden, Unauthorized, Unavailable
 from shared.http import bearer_token
@@ -52,6 +49,8 @@ def _invalid(reason: str) -> Unauthorized:
 
 def _fetch_jwks(url: str) -> dict[str, dict[str, Any]]:
     """GET the JWKS as {kid: jwk}; 503 auth_unavailable when it cannot be read."""
+    import httpx  # only for asymmetric tokens: the service key never needs it
+
     unavailable = Unavailable("The signing keys could not be fetched.", code="auth_unavailable")
     try:
         response = httpx.get(url, timeout=JWKS_TIMEOUT_SECONDS)
@@ -85,6 +84,9 @@ def _jwks_key(kid: str, settings: Settings) -> dict[str, Any]:
 
 def _verification_key(token: str, settings: Settings) -> tuple[Any, str]:
     """The one key and algorithm this token may be verified with."""
+    from jose import jwk, jwt  # loaded with the first token (the service key never needs it)
+    from jose.exceptions import JOSEError
+
     try:
         header = jwt.get_unverified_header(token)
     except JOSEError as exc:
@@ -111,6 +113,9 @@ def _verification_key(token: str, settings: Settings) -> tuple[Any, str]:
 
 def _claims(token: str, settings: Settings, *, audience: str | None) -> dict[str, Any]:
     """Verified claims: signature, exp (required) and, when given, aud."""
+    from jose import jwt
+    from jose.exceptions import ExpiredSignatureError, JOSEError, JWTClaimsError
+
     key, alg = _verification_key(token, settings)
     checks_aud = audience is not None
     options = {"require_exp": True, "verify_aud": checks_aud, "require_aud": checks_aud}

@@ -21,10 +21,10 @@ import stripe
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.auth import Caller
-from shared.cors import website_origin, website_path, website_url
+from shared.cors import website_path, website_url
 from shared.db import Database
-from shared.errors import ConfigError, Conflict, UpstreamError
-from shared.settings import Settings, get_settings
+from shared.errors import Conflict, UpstreamError
+from shared.settings import Settings
 from shared.stripe_api import stripe_errors
 
 DEFAULT_SUCCESS_PATH = "/billing/success?session_id={CHECKOUT_SESSION_ID}"
@@ -50,25 +50,6 @@ class CheckoutRequest(BaseModel):
     @classmethod
     def _on_website(cls, path: str) -> str:
         return website_path(path)
-
-
-def browser_settings(*, stripe: bool = True) -> Settings:
-    """The settings of the browser-facing functions, checked at start (ConfigError names the gap);
-    `stripe=False` for one that never calls Stripe (no STRIPE_SECRET_KEY needed)."""
-    settings = get_settings().require(*(["STRIPE_SECRET_KEY"] if stripe else []), "WEBSITE_URL")
-    settings.require_database()
-    if settings.SUPABASE_JWT_SECRET is not None:
-        settings.require("SUPABASE_JWT_SECRET")
-    elif settings.jwks_url is None:
-        raise ConfigError(
-            "SUPABASE_JWT_SECRET is not set, nor SUPABASE_URL or SUPABASE_JWKS_URL to find the"
-            " signing keys; set one before starting."
-        )
-    website_origin(settings.WEBSITE_URL)
-    fee = settings.STRIPE_SETUP_FEE_PRICE_ID
-    if fee and not fee.startswith("price_"):
-        raise ConfigError("STRIPE_SETUP_FEE_PRICE_ID must be a Stripe price id (price_...).")
-    return settings
 
 
 def checkout_line_items(

@@ -104,3 +104,22 @@ def browser_endpoint(settings: Settings, method: str = "POST") -> Callable[[Hand
         return run
 
     return wrap
+
+
+def browser_settings(*, stripe: bool = True) -> Settings:
+    """The settings of the browser-facing functions, checked at start (ConfigError names the gap);
+    `stripe=False` for one that never calls Stripe (no STRIPE_SECRET_KEY needed)."""
+    settings = get_settings().require(*(["STRIPE_SECRET_KEY"] if stripe else []), "WEBSITE_URL")
+    settings.require_database()
+    if settings.SUPABASE_JWT_SECRET is not None:
+        settings.require("SUPABASE_JWT_SECRET")
+    elif settings.jwks_url is None:
+        raise ConfigError(
+            "SUPABASE_JWT_SECRET is not set, nor SUPABASE_URL or SUPABASE_JWKS_URL to find the"
+            " signing keys; set one before starting."
+        )
+    website_origin(settings.WEBSITE_URL)
+    fee = settings.STRIPE_SETUP_FEE_PRICE_ID
+    if fee and not fee.startswith("price_"):
+        raise ConfigError("STRIPE_SETUP_FEE_PRICE_ID must be a Stripe price id (price_...).")
+    return settings

@@ -16,7 +16,6 @@ import re
 import threading
 from typing import Any, Protocol
 
-import httpx
 import psycopg
 import psycopg_pool
 from psycopg.types.json import Jsonb
@@ -104,6 +103,7 @@ class SupabaseDatabase:
         )
 
     def call(self, function: str, **params: Any) -> Any:
+        import httpx
         from postgrest.exceptions import APIError
 
         try:

@@ -12,20 +12,16 @@ one per process and makes a new one shortly before it expires or when Stripe say
 validates streamed events asynchronously: a bad one is accepted here and reported later through
 a meter error report (shared/meter_errors.py), which marks its row failed.
 
-`BackgroundFlusher` is report-usage's: one thread per process that flushes once 100 reports have
-queued events or the oldest has waited `METER_FLUSH_DELAY_SECONDS`; the scheduled flush (every
-minute, `deploy.sh functions`) covers instances that stopped receiving traffic.
+report-usage flushes through shared/outbox.py, which loads this module (and Stripe's client)
+with its first flush.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,9 +29,9 @@ from typing import Any
 import stripe
 
 from shared.db import Database
+from shared.meter_events import Outcome, failure_outcome
 from shared.settings import Settings
 from shared.stripe_api import describe
-from shared.usage import Outcome, failure_outcome
 
 log = logging.getLogger("metered_billing")
 
@@ -200,54 +196,6 @@ def flush(
         if len(claimed) < BATCH or report.sent == 0:
             break  # drained, or Stripe is taking nothing: the events wait for their retry time
     return report
-
-
-class BackgroundFlusher:
-    """One flushing thread per process, woken by reports that queued a meter event.
-
-    It flushes once BATCH reports have queued events or the oldest has waited `delay` seconds,
-    then drains whatever is due. A delay of 0 turns it off (the scheduled flush alone delivers).
-    The thread starts with the first queued event in each process (gunicorn forks workers after
-    import), and a failed flush is logged; its events stay pending for the next one.
-    """
-
-    def __init__(self, flush_due: Callable[[], FlushReport], delay: float) -> None:
-        self._flush_due = flush_due
-        self._delay = delay
-        self._wake = threading.Condition()
-        self._queued = 0
-        self._oldest = 0.0
-        self._pid = 0
-
-    def queued(self) -> None:
-        """A report left a meter event pending."""
-        if self._delay <= 0:
-            return
-        with self._wake:
-            if self._pid != os.getpid():
-                self._pid, self._queued = os.getpid(), 0
-                threading.Thread(target=self._run, name="meter-flush", daemon=True).start()
-            if self._queued == 0:
-                self._oldest = time.monotonic()
-            self._queued += 1
-            if self._queued >= BATCH:
-                self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while self._queued == 0:
-                    self._wake.wait()
-                while self._queued < BATCH:
-                    left = self._oldest + self._delay - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._wake.wait(left)
-                self._queued = 0
-            try:
-                self._flush_due()
-            except Exception:
-                log.exception("background meter flush failed; its events stay pending")
 
 
 def _utc(value: Any) -> datetime:

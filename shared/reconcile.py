@@ -86,9 +86,9 @@ from shared.drift import (
     overage_cents,
     total,
 )
+from shared.meter_events import MeterEvent, deliver
 from shared.meter_reads import Sleep, find_meter, invoiced_minutes, summary_minutes
 from shared.settings import Settings
-from shared.usage import MeterEvent, deliver
 
 LEASE_SECONDS = 600
 

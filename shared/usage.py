@@ -1,4 +1,4 @@
-"""Usage: record each call's minutes once, read the current cycle, send one meter event.
+"""Usage: record each call's minutes once, and read the current cycle.
 
 A report is one SQL call (`record_usage`, one transaction): the usage row, the cycle totals, the
 alerts and the meter event, `pending` and due, for the batched flush (shared/meter_flush.py). The
@@ -6,31 +6,22 @@ request never waits for Stripe. Every meter event carries an identifier derived 
 (organisation, call): Stripe ignores a second event with that identifier, so any number of
 attempts bills the call once.
 
-`deliver` sends one claimed event through the v1 API; reconciliation's repairs use it. Each
-attempt has its own idempotency key (identifier + attempt number): Stripe replays the first answer
-to a key for 24 hours, a 500 included, so one key for every attempt would keep a retried event
-undelivered for a day.
+Delivery is shared/meter_flush.py's (batches, through shared/outbox.py in report-usage) and
+shared/meter_events.py's (one event); this module imports neither, so recording a call never
+loads Stripe's client.
 """
 
 from __future__ import annotations
 
-import logging
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-import httpx
-import stripe
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from shared.db import Database
 from shared.errors import Unprocessable
-from shared.settings import Settings
-from shared.stripe_api import describe, is_retriable
-
-log = logging.getLogger("metered_billing")
 
 MAX_CALL_SECONDS = 24 * 60 * 60
 FUTURE_TOLERANCE = timedelta(minutes=5)  # what Stripe accepts for a meter event's timestamp
@@ -38,7 +29,6 @@ DEFAULT_FLUSH_LIMIT = 1000
 MAX_FLUSH_LIMIT = 10_000
 
 Seconds = Annotated[float, Field(strict=True, ge=0, le=MAX_CALL_SECONDS, allow_inf_nan=False)]
-Outcome = Literal["sent", "retry", "unknown", "failed"]
 
 Minutes = Annotated[float, Field(strict=True, ge=0, le=MAX_CALL_SECONDS // 60, allow_inf_nan=False)]
 
@@ -123,16 +113,6 @@ class FlushCommand(BaseModel):
         return value
 
 
-@dataclass(frozen=True)
-class MeterEvent:
-    usage_record_id: str
-    identifier: str
-    customer: str
-    value: int
-    timestamp: int
-    attempt: int
-
-
 def record_usage(database: Database, report: UsageReport) -> dict[str, Any]:
     """Record the call once (one database round trip); the response body."""
     result: dict[str, Any] = database.call(
@@ -157,77 +137,3 @@ def current_cycle(database: Database, org_id: uuid.UUID) -> dict[str, Any]:
     """The organisation's plan, current cycle and whether it may place calls."""
     summary: dict[str, Any] = database.call("usage_summary", p_org_id=str(org_id))
     return summary
-
-
-def deliver(
-    database: Database, client: stripe.StripeClient, settings: Settings, event: MeterEvent
-) -> str:
-    """Send one claimed meter event and keep the outcome; the event's meter_status after it."""
-    outcome, error = send_meter_event(client, settings, event)
-    saved = database.call(
-        "record_meter_result",
-        p_usage_record_id=event.usage_record_id,
-        p_attempt=event.attempt,
-        p_outcome=outcome,
-        p_error=error,
-    )
-    status: str = saved["meter_status"]
-    return status
-
-
-def send_meter_event(
-    client: stripe.StripeClient, settings: Settings, event: MeterEvent
-) -> tuple[Outcome, str | None]:
-    """POST one meter event: ("sent", None), or the outcome to keep and Stripe's reason."""
-    try:
-        client.v1.billing.meter_events.create(
-            params={
-                "event_name": settings.STRIPE_METER_EVENT_NAME,
-                "identifier": event.identifier,
-                "payload": {"stripe_customer_id": event.customer, "value": str(event.value)},
-                "timestamp": event.timestamp,
-            },
-            # One try within STRIPE_TIMEOUT_SECONDS: retrying is the outbox's job. A retry of a
-            # request Stripe did process is refused for its identifier: `already_recorded`.
-            options={
-                "max_network_retries": 0,
-                "idempotency_key": f"{event.identifier}-{event.attempt}",
-            },
-        )
-    except stripe.StripeError as error:
-        if already_recorded(error):
-            return "sent", None
-        reason = describe(error)
-        log.warning("meter event %s not delivered: %s", event.identifier, reason)
-        return failure_outcome(error), reason
-    return "sent", None
-
-
-def failure_outcome(error: stripe.StripeError) -> Outcome:
-    """What a failed attempt tells: refused for good, not recorded, or perhaps recorded.
-
-    "failed": Stripe rejected the event itself (400: too old, malformed); no later attempt can
-    succeed. "retry": Stripe certainly did not record it (no connection was made, 429, our own
-    key refused (401, 403), which an operator fixes without the usage being lost meanwhile).
-    "unknown": no answer or a 5xx; Stripe may have recorded it, so it is resent only within
-    Stripe's identifier window (the SQL makes it `unconfirmed` after that).
-    """
-    if isinstance(error, stripe.APIConnectionError):
-        not_sent = isinstance(error.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
-        return "retry" if not_sent else "unknown"
-    status = error.http_status or 0
-    if status in (401, 403, 429):
-        return "retry"
-    if status == 400 and not is_retriable(error):
-        return "failed"
-    return "unknown"
-
-
-def already_recorded(error: stripe.StripeError) -> bool:
-    """Stripe's answer to an identifier it has seen: "An event already exists with identifier"."""
-    if error.http_status != 400:
-        return False
-    message = str(error.user_message or "").lower()
-    return error.code == "resource_already_exists" or (
-        "already exists" in message and "identifier" in message
-    )

@@ -10,8 +10,7 @@ import flask
 
 from shared import overview
 from shared.auth import require_user
-from shared.checkout import browser_settings
-from shared.cors import browser_endpoint
+from shared.cors import browser_endpoint, browser_settings
 from shared.db import get_database
 from shared.http import json_response, validate
 

@@ -11,8 +11,7 @@ import flask
 
 from shared import meter_flush, plan_change
 from shared.auth import require_user
-from shared.checkout import browser_settings
-from shared.cors import browser_endpoint
+from shared.cors import browser_endpoint, browser_settings
 from shared.db import get_database
 from shared.http import json_response, parse_body
 from shared.stripe_api import make_stripe_client

@@ -5,8 +5,8 @@ from __future__ import annotations
 import flask
 
 from shared.auth import require_user
-from shared.checkout import CheckoutRequest, browser_settings, start_checkout
-from shared.cors import browser_endpoint
+from shared.checkout import CheckoutRequest, start_checkout
+from shared.cors import browser_endpoint, browser_settings
 from shared.db import get_database
 from shared.http import json_response, parse_body
 from shared.stripe_api import make_stripe_client

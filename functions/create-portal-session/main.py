@@ -8,8 +8,7 @@ from __future__ import annotations
 import flask
 
 from shared.auth import require_user
-from shared.checkout import browser_settings
-from shared.cors import browser_endpoint
+from shared.cors import browser_endpoint, browser_settings
 from shared.db import get_database
 from shared.http import json_response, parse_body
 from shared.portal import PortalRequest, open_billing_portal
