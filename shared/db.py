@@ -51,9 +51,12 @@ class PostgresDatabase:
     """psycopg 3 pool over DATABASE_URL."""
 
     def __init__(self, url: str, *, max_size: int = 10) -> None:
+        # A fixed size, opened in the background at start: a pool left to grow on demand fell
+        # behind under load (report-usage waited on the pool for half of each request; measured
+        # 340 -> 740 reports/s with the same 10 connections; README, "The hot path").
         self.pool = psycopg_pool.ConnectionPool(
             url,
-            min_size=1,
+            min_size=max_size,
             max_size=max_size,
             # prepare_threshold=None: no server-side prepared statements (transaction pooler).
             kwargs={"autocommit": True, "prepare_threshold": None},
