@@ -32,10 +32,10 @@ from shared.db import Database
 from shared.meter_events import Outcome, failure_outcome
 from shared.settings import Settings
 from shared.stripe_api import describe
+from shared.usage import BATCH
 
 log = logging.getLogger("metered_billing")
 
-BATCH = 100  # the stream's most events per request
 SESSION_MARGIN = timedelta(minutes=1)  # a token this close to expiry is replaced first
 _EVENT_PARAM = re.compile(r"^events\[(\d+)\]")
 
@@ -80,7 +80,6 @@ class MeterStream:
         self._lock = threading.Lock()
         self._token: str | None = None
         self._expires_at = datetime.min.replace(tzinfo=UTC)
-        self.sessions = 0  # sessions this process created
 
     def send(self, events: list[dict[str, Any]]) -> Sent:
         """Send one batch (1-100 claimed events): each event's outcome and Stripe's reason.
@@ -146,7 +145,6 @@ class MeterStream:
                 )
                 self._token = session.authentication_token
                 self._expires_at = _utc(session.expires_at)
-                self.sessions += 1
             return self._token
 
     def _stream_event(self, event: dict[str, Any]) -> dict[str, Any]:

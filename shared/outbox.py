@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from shared.db import Database
 from shared.settings import Settings
-from shared.usage import MAX_FLUSH_LIMIT
+from shared.usage import BATCH, MAX_FLUSH_LIMIT
 
 if TYPE_CHECKING:
     from shared.meter_flush import MeterStream
 
 log = logging.getLogger("metered_billing")
-
-BATCH = 100  # shared.meter_flush.BATCH: a full batch is flushed at once
 
 
 class Outbox:

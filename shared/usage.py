@@ -25,6 +25,7 @@ from shared.errors import Unprocessable
 
 MAX_CALL_SECONDS = 24 * 60 * 60
 FUTURE_TOLERANCE = timedelta(minutes=5)  # what Stripe accepts for a meter event's timestamp
+BATCH = 100  # meter events per stream request (Stripe's most); a full batch flushes at once
 DEFAULT_FLUSH_LIMIT = 1000
 MAX_FLUSH_LIMIT = 10_000
 
