@@ -174,6 +174,54 @@ def test_service_role_reads_and_writes_everything(db, two_orgs):
         cur.execute("delete from public.stripe_events")
 
 
+# Every condition on a billing figure, as the service role (who bypasses RLS) would break it:
+# 0090 moved them from table CHECKs to domains; none may be lost on the way.
+BAD_WRITES = {
+    "negative minutes_used": "update public.billing_cycles set minutes_used = -1",
+    "negative overage_minutes": "update public.billing_cycles set overage_minutes = -1",
+    "negative overage_cost_cents": "update public.billing_cycles set overage_cost_cents = -5",
+    "negative included_minutes": "update public.billing_cycles set included_minutes = -1",
+    "negative overage_rate_cents": "update public.billing_cycles set overage_rate_cents = -1",
+    "unknown cycle status": "update public.billing_cycles set status = 'open'",
+    "period ending at its start": "update public.billing_cycles set period_end = period_start",
+    "empty call_id": "update public.usage_records set call_id = ''",
+    "call_id over 200 characters": "update public.usage_records set call_id = repeat('x', 201)",
+    "negative duration": "update public.usage_records set duration_seconds = -0.5",
+    "duration over a day": "update public.usage_records set duration_seconds = 86400.5",
+    "negative billed_minutes": "update public.usage_records set billed_minutes = -1",
+    "unknown meter_status": "update public.usage_records set meter_status = 'lost'",
+    "identifier over 100 characters": "update public.usage_records"
+    " set meter_identifier = repeat('x', 101)",
+    "negative meter_attempts": "update public.usage_records set meter_attempts = -1",
+    "negative meter_requeues": "update public.usage_records set meter_requeues = -1",
+    "a new row with negative minutes": "insert into public.usage_records (organisation_id,"
+    " call_id, duration_seconds, billed_minutes, ended_at, meter_status)"
+    " select organisation_id, 'call-new', 0, -2, now(), 'skipped' from public.usage_records",
+}
+
+
+@pytest.mark.parametrize("statement", BAD_WRITES.values(), ids=BAD_WRITES.keys())
+def test_billing_figures_keep_their_conditions(db, two_orgs, statement):
+    with acting_as(db, "service_role") as cur, pytest.raises(psycopg.errors.CheckViolation):
+        cur.execute(statement)
+
+
+def test_billing_figures_read_as_their_plain_types(db, two_orgs):
+    """Domains are invisible to clients: a member reads ints, numbers and text as before."""
+    a = two_orgs["a"]
+    with acting_as(db, "authenticated", a["member"]) as cur:
+        cycle = cur.execute(
+            "select minutes_used, included_minutes, status from public.billing_cycles"
+        ).fetchone()
+        usage = cur.execute(
+            "select call_id, duration_seconds, billed_minutes, meter_status, meter_attempts"
+            " from public.usage_records"
+        ).fetchone()
+    assert cycle == (0, 500, "active")
+    assert usage == ("call-1", 61, 2, "pending", 0)
+    assert [type(v).__name__ for v in usage] == ["str", "Decimal", "int", "str", "int"]
+
+
 def test_every_public_table_has_rls(db):
     missing = db.execute(
         "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
