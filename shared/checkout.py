@@ -17,7 +17,6 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-import stripe
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.auth import Caller
@@ -26,6 +25,7 @@ from shared.db import Database
 from shared.errors import Conflict, UpstreamError
 from shared.settings import Settings
 from shared.stripe_api import stripe_errors
+from shared.stripe_lib import stripe
 
 DEFAULT_SUCCESS_PATH = "/billing/success?session_id={CHECKOUT_SESSION_ID}"
 DEFAULT_CANCEL_PATH = "/billing/cancel"

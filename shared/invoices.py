@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import stripe
-
 from shared.db import Database
 from shared.errors import BillingError
 from shared.stripe_api import stripe_errors
+from shared.stripe_lib import stripe
 from shared.subscriptions import invoice_subscription_id, normalise_invoice, stripe_id
 
 # The largest page Stripe serves: a subscription's invoices, an invoice's lines.

@@ -35,11 +35,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import stripe
-
 from shared.db import Database
 from shared.errors import BadRequest
 from shared.stripe_api import stripe_errors
+from shared.stripe_lib import stripe
 from shared.webhooks import SIGNATURE_TOLERANCE_SECONDS, failure_reason, storable
 
 THIN_OBJECT = "v2.core.event"

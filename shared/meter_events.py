@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import httpx
-import stripe
 
 from shared.db import Database
 from shared.settings import Settings
 from shared.stripe_api import describe, is_retriable
+from shared.stripe_lib import stripe
 
 log = logging.getLogger("metered_billing")
 

@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import stripe
-
 from shared.db import Database
 from shared.meter_events import Outcome, failure_outcome
 from shared.settings import Settings
 from shared.stripe_api import describe
+from shared.stripe_lib import stripe
 from shared.usage import BATCH
 
 log = logging.getLogger("metered_billing")

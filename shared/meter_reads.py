@@ -8,14 +8,15 @@ from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
-from typing import Any, TypeVar
-
-import stripe
-from stripe.params.billing import MeterEventSummaryListParams, MeterListParams
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.db import Database
 from shared.errors import BillingError, NotFound
 from shared.invoices import fetch_invoice, invoice_missing
+from shared.stripe_lib import stripe
+
+if TYPE_CHECKING:
+    from stripe.params.billing import MeterEventSummaryListParams, MeterListParams
 
 PAGE = 100
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)  # seconds before each retry of a read Stripe rate-limited

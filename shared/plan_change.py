@@ -22,7 +22,6 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import stripe
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from shared.auth import Caller
@@ -30,6 +29,7 @@ from shared.db import Database
 from shared.errors import PaymentRequired, Unprocessable
 from shared.meter_flush import MeterStream, flush
 from shared.stripe_api import stripe_errors
+from shared.stripe_lib import stripe
 from shared.subscriptions import ENDED_STATUSES, Fetched, apply_state, fetch_subscription, stripe_id
 from shared.usage import MAX_FLUSH_LIMIT
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import stripe
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.auth import Caller
@@ -13,6 +12,7 @@ from shared.db import Database
 from shared.errors import UpstreamError
 from shared.settings import Settings
 from shared.stripe_api import stripe_errors
+from shared.stripe_lib import stripe
 
 DEFAULT_RETURN_PATH = "/billing"
 

@@ -72,8 +72,6 @@ from datetime import timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-import stripe
-
 from shared.db import Database
 from shared.drift import (
     SETTLE,
@@ -89,6 +87,7 @@ from shared.drift import (
 from shared.meter_events import MeterEvent, deliver
 from shared.meter_reads import Sleep, find_meter, invoiced_minutes, summary_minutes
 from shared.settings import Settings
+from shared.stripe_lib import stripe
 
 LEASE_SECONDS = 600
 

@@ -8,10 +8,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import stripe
-
 from shared.errors import Unavailable, UpstreamError
 from shared.settings import Settings
+from shared.stripe_lib import stripe
 
 log = logging.getLogger("metered_billing")
 

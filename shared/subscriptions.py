@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import stripe
-
 from shared.db import Database
 from shared.errors import Unavailable, UpstreamError
 from shared.stripe_api import stripe_errors
+from shared.stripe_lib import stripe
 
 # Invoice line parents that may bill a cycle's metered usage (see normalise_invoice).
 USAGE_LINE_PARENTS = ("subscription_item_details", "invoice_item_details")

@@ -42,13 +42,13 @@ from functools import partial
 from typing import Any
 
 import flask
-import stripe
 from pydantic import BaseModel, Field, StrictInt, ValidationError
 
 from shared.db import Database
 from shared.errors import BadRequest, BillingError, PayloadTooLarge, UpstreamError
 from shared.invoices import FetchedInvoice, apply_invoice, fetch_invoice, invoice_missing
 from shared.stripe_api import describe
+from shared.stripe_lib import stripe
 from shared.subscriptions import (
     invoice_subscription_id,
     normalise_invoice,

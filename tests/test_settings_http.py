@@ -135,3 +135,29 @@ def test_stripe_errors_are_described_without_keys():
     text = describe(error)
     assert "abcd" not in text and "sk_live" not in text
     assert text.startswith("AuthenticationError (401")
+
+
+def test_settings_come_from_the_environment_and_arguments_win(monkeypatch):
+    monkeypatch.setenv("STRIPE_TIMEOUT_SECONDS", "4.5")
+    monkeypatch.setenv("DATABASE_POOL_SIZE", "3")
+    monkeypatch.setenv("NOT_A_SETTING", "ignored")
+    settings = Settings(DATABASE_POOL_SIZE=7)
+    assert settings.STRIPE_TIMEOUT_SECONDS == 4.5
+    assert settings.DATABASE_POOL_SIZE == 7
+    assert not hasattr(settings, "NOT_A_SETTING")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STRIPE_TIMEOUT_SECONDS", "fast"),
+        ("STRIPE_TIMEOUT_SECONDS", "0"),
+        ("DATABASE_POOL_SIZE", "0"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_naming_it(monkeypatch, name, value):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name):
+        Settings()
