@@ -49,8 +49,10 @@ of event summaries in a test.
 
 One module per Stripe resource family, each importing only the ones above it in this list:
 
-    state.py              errors, ids, Stripe's fixtures, form and JSON decoding, routes' shape,
-                          State (and its clock), Call
+    state.py              errors, ids, Stripe's fixtures, routes' shape, State (and its clock),
+                          Call
+    params.py             form and JSON decoding, unknown parameters refused, typed parameters,
+                          metadata updates
     customers.py          /v1/customers, and declining a customer's next payment
     catalog.py            /v1/billing/meters (and deactivate, reactivate), /v1/products,
                           /v1/prices
@@ -71,12 +73,14 @@ One module per Stripe resource family, each importing only the ones above it in 
     checkout.py           /v1/checkout/sessions, and completing one
     portal.py             /v1/billing_portal/sessions and configurations
     hosted_pages.py       the Checkout, portal and invoice pages a person clicks through
-    app.py                routing, dispatch, idempotency; create_app, seed_prices,
-                          serve_in_thread, main
+    app.py                routing, dispatch, idempotency
+    launch.py             create_app, seed_prices, serve_in_thread, main
 """
 
-from .app import ROUTES, StripeStandin, create_app, main, seed_prices, serve_in_thread
-from .state import API_VERSION, Call, State, StripeError, decode_form, fixture
+from .app import ROUTES, StripeStandin
+from .launch import create_app, main, seed_prices, serve_in_thread
+from .params import decode_form
+from .state import API_VERSION, Call, State, StripeError, fixture
 from .webhooks import sign
 
 __all__ = [

@@ -1,5 +1,5 @@
 """`python -m devtools.stripe_standin ...`: see `main` (--help)."""
 
-from devtools.stripe_standin.app import main
+from devtools.stripe_standin.launch import main
 
 main()

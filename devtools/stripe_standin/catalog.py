@@ -7,24 +7,8 @@ import copy
 import time
 from typing import Any
 
-from .state import (
-    ID,
-    Call,
-    Json,
-    State,
-    StripeError,
-    api,
-    as_bool,
-    as_int,
-    as_object,
-    fixture,
-    list_object,
-    metadata,
-    missing,
-    new_id,
-    param_name,
-    required,
-)
+from .params import as_bool, as_int, as_object, metadata, param_name, required
+from .state import ID, Call, Json, State, StripeError, api, fixture, list_object, missing, new_id
 
 # ---------------------------------------------------------------- meters
 

@@ -8,22 +8,8 @@ import time
 from .catalog import line_price, price_amount
 from .customers import create_customer
 from .invoices import invoice_line, new_invoice, settle
-from .state import (
-    ID,
-    Call,
-    Json,
-    StripeError,
-    _fixtures,
-    api,
-    as_bool,
-    as_int,
-    as_object,
-    control,
-    fixture,
-    metadata,
-    new_id,
-    required,
-)
+from .params import as_bool, as_int, as_object, metadata, required
+from .state import ID, Call, Json, StripeError, _fixtures, api, control, fixture, new_id
 from .subscriptions import new_item
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import secrets
 import time
 
-from .state import ID, Call, Json, api, as_int, control, fixture, metadata, new_id
+from .params import as_int, metadata
+from .state import ID, Call, Json, api, control, fixture, new_id
 
 
 def create_customer(call: Call) -> Json:

@@ -22,22 +22,8 @@ import time
 
 import httpx
 
-from .state import (
-    ID,
-    V2_LIST,
-    Call,
-    Json,
-    State,
-    StripeError,
-    as_int,
-    iso,
-    metadata,
-    new_id,
-    no_such,
-    parse_iso,
-    required,
-    v2,
-)
+from .params import as_int, metadata, required
+from .state import ID, V2_LIST, Call, Json, State, StripeError, iso, new_id, no_such, parse_iso, v2
 from .webhooks import sign
 
 log = logging.getLogger("stripe_standin")

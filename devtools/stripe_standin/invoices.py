@@ -14,18 +14,8 @@ from typing import Any
 
 from .catalog import price_amount
 from .meter_events import move_billed
-from .state import (
-    ID,
-    Call,
-    Json,
-    State,
-    api,
-    as_int,
-    fixture,
-    list_object,
-    new_id,
-    sim_now,
-)
+from .params import as_int
+from .state import ID, Call, Json, State, api, fixture, list_object, new_id, sim_now
 
 
 def invoice_line(invoice_id: str, sub: Json, price: Json, **how: Any) -> Json:

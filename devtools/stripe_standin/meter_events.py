@@ -30,20 +30,8 @@ import re
 
 from .catalog import find_meter
 from .meter_errors import record_error
-from .state import (
-    METER_EVENT_WINDOW,
-    Call,
-    Json,
-    State,
-    StripeError,
-    api,
-    as_int,
-    as_object,
-    control,
-    fixture,
-    new_id,
-    required,
-)
+from .params import as_int, as_object, required
+from .state import METER_EVENT_WINDOW, Call, Json, State, StripeError, api, control, fixture, new_id
 
 # Stripe: "You can only cancel events within 24 hours of Stripe receiving them."
 CANCEL_WINDOW = 86400

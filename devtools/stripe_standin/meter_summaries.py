@@ -24,7 +24,8 @@ from __future__ import annotations
 import hashlib
 
 from .meter_events import aggregate, customer_events
-from .state import ID, Call, Json, StripeError, api, as_int, fixture, required
+from .params import as_int, required
+from .state import ID, Call, Json, StripeError, api, fixture
 
 GROUPING = {"hour": 3600, "day": 86400}
 

@@ -16,7 +16,8 @@ import copy
 from typing import Any
 
 from .invoices import void_invoice
-from .state import Call, Json, State, StripeError, as_bool, fixture, metadata
+from .params import as_bool, metadata
+from .state import Call, Json, State, StripeError, fixture
 from .subscriptions import set_cancel_at_period_end
 
 PENDING_PARAMS = {

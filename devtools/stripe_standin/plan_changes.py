@@ -44,21 +44,10 @@ from typing import Any
 
 from .catalog import line_price, price_amount
 from .invoices import fee_line, new_invoice, payment_fails, settle, sweep_pending_items
+from .params import as_bool, as_int, metadata
 from .pending_updates import check_pending_params, expire_pending_update, hold_pending_update
 from .prorations import Change, close_item, open_item, record
-from .state import (
-    ID,
-    Call,
-    Json,
-    StripeError,
-    api,
-    as_bool,
-    as_int,
-    metadata,
-    new_id,
-    no_such,
-    sim_now,
-)
+from .state import ID, Call, Json, StripeError, api, new_id, no_such, sim_now
 from .subscriptions import (
     PRORATION_BEHAVIORS,
     add_item,

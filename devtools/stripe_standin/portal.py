@@ -7,19 +7,8 @@ from __future__ import annotations
 import copy
 import time
 
-from .state import (
-    ID,
-    Call,
-    Json,
-    StripeError,
-    api,
-    as_bool,
-    fixture,
-    list_object,
-    metadata,
-    new_id,
-    required,
-)
+from .params import as_bool, metadata, required
+from .state import ID, Call, Json, StripeError, api, fixture, list_object, new_id
 
 FEATURES = (
     "customer_update",

@@ -24,6 +24,7 @@ import copy
 from typing import Any
 
 from .catalog import line_price
+from .params import as_bool, as_int, as_object, metadata, required
 from .prorations import Change, close_item, record
 from .state import (
     ID,
@@ -33,14 +34,9 @@ from .state import (
     StripeError,
     add_interval,
     api,
-    as_bool,
-    as_int,
-    as_object,
     fixture,
-    metadata,
     missing,
     new_id,
-    required,
     sim_now,
 )
 from .subscriptions import PRORATION_BEHAVIORS, check_choice, check_live, new_item

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from .catalog import line_price
+from .params import as_bool, as_int, as_object, metadata, param_name, required
 from .state import (
     ID,
     Call,
@@ -13,16 +14,10 @@ from .state import (
     State,
     StripeError,
     api,
-    as_bool,
-    as_int,
-    as_object,
     control,
     fixture,
-    metadata,
     new_id,
-    param_name,
     period_end_after,
-    required,
     sim_now,
 )
 

@@ -15,7 +15,8 @@ import time
 
 import httpx
 
-from .state import Call, Json, State, api, as_int, fixture, list_object, metadata, new_id, required
+from .params import as_int, metadata, required
+from .state import Call, Json, State, api, fixture, list_object, new_id
 
 log = logging.getLogger("stripe_standin")
 
