@@ -801,17 +801,18 @@ def main() -> int:
             # round (the machine's pace drifts); each ratio is the median of the rounds' ratios.
             own = "(select {column} from bench_floor.clients where n = :client_id)"
             shapes = {
-                "": (
+                "one": (
+                    "",
                     FLOOR_CALL.format(org=floor_org),
                     RECORD_USAGE_CALL.format(org=orgs["direct"]),
                 ),
-                " 16": (
+                "own": (
+                    f" ({args.connections} orgs)",
                     FLOOR_CALL.replace("'{org}'::uuid", own.format(column="floor_org")),
                     RECORD_USAGE_CALL.replace("'{org}'::uuid", own.format(column="org")),
                 ),
             }
-            for suffix, (floor_call, direct_call) in shapes.items():
-                whose = " (16 orgs)" if suffix else ""
+            for shape, (whose, floor_call, direct_call) in shapes.items():
                 pairs = [
                     (
                         sql_load(f"SQL floor{whose}", url, floor_call, args, work),
@@ -827,10 +828,8 @@ def main() -> int:
                     middle.notes.append(
                         f"rounds: {' '.join(f'{m.rate:.0f}' for m in taken)} /s (the median shown)"
                     )
-                    results[key + suffix] = middle
-                sql_ratios["one" if not suffix else "own"] = statistics.median(
-                    b.rate / a.rate for a, b in pairs
-                )
+                    results[f"{key} {shape}"] = middle
+                sql_ratios[shape] = statistics.median(b.rate / a.rate for a, b in pairs)
             # 7. Cold starts, the bare function's and each function's.
             with stripe_stub(0.001) as (stripe_url, _):
                 env = {
