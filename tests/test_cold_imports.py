@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -63,3 +64,20 @@ def test_a_function_loads_only_what_it_needs(function, uses_stripe):
     assert "requests" not in modules
     assert "pydantic_settings" not in modules
     assert ("stripe" in modules) is uses_stripe
+
+
+def test_only_the_thread_importing_stripe_is_refused_requests():
+    """Another thread may import `requests` while stripe loads (report-usage's outbox loads
+    stripe from its flushing thread while requests are served)."""
+    from shared.stripe_lib import RequestsRefused
+
+    refused = RequestsRefused()  # made by this thread, as shared/stripe_lib.py makes its own
+    with pytest.raises(ImportError):
+        refused.find_spec("requests")
+    assert refused.find_spec("urllib3") is None
+    elsewhere: list[object] = []
+    other = threading.Thread(target=lambda: elsewhere.append(refused.find_spec("requests")))
+    other.start()
+    other.join()
+    assert elsewhere == [None]
+    assert not any(isinstance(finder, RequestsRefused) for finder in sys.meta_path)
