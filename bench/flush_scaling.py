@@ -16,8 +16,6 @@ bottleneck. Checks every event reached the stub exactly once.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import multiprocessing
 import os
@@ -36,8 +34,9 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from ops.migrate import migrate  # noqa: E402
+from hot_path import migrated_database  # noqa: E402
 
 ORGS = 100
 
@@ -209,11 +208,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mb-flush-") as tmp:
         server = pgserver.get_server(str(Path(tmp) / "pg"), cleanup_mode="stop")
         try:
-            with psycopg.connect(server.get_uri(), autocommit=True) as admin:
-                admin.execute("create database bench")
-            url = server.get_uri().replace("/postgres?", "/bench?")
-            with contextlib.redirect_stdout(io.StringIO()):
-                migrate(url)
+            url = migrated_database(server)
             began = time.perf_counter()
             seed(url, args.events)
             print(

@@ -483,6 +483,17 @@ def cold_starts(
 # --- database ----------------------------------------------------------------------------------
 
 
+def migrated_database(server: Any) -> str:
+    """The URL of a new database `bench` on the embedded Postgres `server`, migrated by the
+    project's own migrations (their output kept quiet)."""
+    with psycopg.connect(server.get_uri(), autocommit=True) as admin:
+        admin.execute("create database bench")
+    url: str = server.get_uri().replace("/postgres?", "/bench?")
+    with contextlib.redirect_stdout(io.StringIO()):
+        migrate(url)
+    return url
+
+
 def seed(conn: psycopg.Connection[Any]) -> str:
     """An organisation with an active monthly subscription and its current cycle; its id."""
     tag = uuid.uuid4().hex[:10]
@@ -690,11 +701,7 @@ def main() -> int:
         server = pgserver.get_server(str(work / "pg"), cleanup_mode="stop")
         stack = contextlib.ExitStack()
         try:
-            with psycopg.connect(server.get_uri(), autocommit=True) as admin:
-                admin.execute("create database bench")
-            url = server.get_uri().replace("/postgres?", "/bench?")
-            with contextlib.redirect_stdout(io.StringIO()):
-                migrate(url)
+            url = migrated_database(server)
             with psycopg.connect(url, autocommit=True) as conn:
                 orgs = {k: seed(conn) for k in ("post1", "post150", "get", "direct")}
                 conn.execute(FLOOR_SQL)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import re
 import shutil
@@ -33,9 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from hot_path import FLOOR_CALL, FLOOR_SQL, RECORD_USAGE_CALL, seed  # noqa: E402
-
-from ops.migrate import migrate  # noqa: E402
+from hot_path import (  # noqa: E402
+    FLOOR_CALL,
+    FLOOR_SQL,
+    RECORD_USAGE_CALL,
+    migrated_database,
+    seed,
+)
 
 BIN = Path(pgserver.__file__).parent / "pginstall" / "bin"
 
@@ -69,11 +72,7 @@ def main() -> int:
         work = Path(tmp)
         work.chmod(0o755)
         server = pgserver.get_server(str(work / "pg"), cleanup_mode=None)
-        with psycopg.connect(server.get_uri(), autocommit=True) as admin:
-            admin.execute("create database bench")
-        url = server.get_uri().replace("/postgres?", "/bench?")
-        with contextlib.redirect_stdout(io.StringIO()):
-            migrate(url)
+        url = migrated_database(server)
         with psycopg.connect(url, autocommit=True) as conn:
             org = seed(conn)
             conn.execute(FLOOR_SQL)
