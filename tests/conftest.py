@@ -228,7 +228,21 @@ def function_client(name: str, target: str) -> Any:
     """The real function loaded through functions-framework, as a Flask test client."""
     from functions_framework import create_app
 
-    return create_app(target, str(ROOT / "functions" / name / "main.py")).test_client()
+    from shared.db import PostgresDatabase, get_database
+    from shared.settings import get_settings
+
+    client = create_app(target, str(ROOT / "functions" / name / "main.py")).test_client()
+    # The process's pool (all functions share it) opens its connections in background threads,
+    # and psycopg_pool draws each one's expiry jitter from the global `random`. Wait until it is
+    # full, so no pool thread moves that state while Hypothesis generates a test case: its
+    # examples stay reproducible (HypothesisDeprecationWarning: "Do not use the random module
+    # inside strategies", seen when a pool filled during a draw).
+    settings = get_settings()
+    if settings.DATABASE_URL:
+        database = get_database(settings)
+        if isinstance(database, PostgresDatabase):
+            database.pool.wait(timeout=30.0)
+    return client
 
 
 def user_token(user_id: str, *, email: str | None = None, **claims: Any) -> str:
