@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +19,11 @@ from shared.settings import Settings
 JWKS_TTL_SECONDS = 600.0
 JWKS_REFETCH_SECONDS = 30.0  # an unknown kid refetches at most this often per URL
 JWKS_TIMEOUT_SECONDS = 5.0
+# While the JWKS cannot be fetched, keys fetched this recently go on verifying tokens (the fetch
+# is tried again once per JWKS_REFETCH_SECONDS): an outage of Supabase's JWKS endpoint neither
+# turns every signed-in request away nor makes each wait JWKS_TIMEOUT_SECONDS. Kept short: a
+# key revoked during such an outage stays trusted at most this long after its last fetch.
+JWKS_STALE_SECONDS = 1800.0
 _KEY_TYPES = {"ES256": "EC", "RS256": "RSA"}
 
 
@@ -32,10 +39,12 @@ class _Jwks:
     keys: dict[str, dict[str, Any]]
     fetched_at: float
     refetched_at: float = float("-inf")
+    failed_at: float = float("-inf")
 
 
 _jwks_cache: dict[str, _Jwks] = {}
 _now = time.monotonic
+log = logging.getLogger("metered_billing")
 
 
 def clear_jwks_cache() -> None:
@@ -47,11 +56,15 @@ def _invalid(reason: str) -> Unauthorized:
     return Unauthorized(f"The token is not valid: {reason}.", code="invalid_token")
 
 
+def _keys_unavailable() -> Unavailable:
+    return Unavailable("The signing keys could not be fetched.", code="auth_unavailable")
+
+
 def _fetch_jwks(url: str) -> dict[str, dict[str, Any]]:
     """GET the JWKS as {kid: jwk}; 503 auth_unavailable when it cannot be read."""
     import httpx  # only for asymmetric tokens: the service key never needs it
 
-    unavailable = Unavailable("The signing keys could not be fetched.", code="auth_unavailable")
+    unavailable = _keys_unavailable()
     try:
         response = httpx.get(url, timeout=JWKS_TIMEOUT_SECONDS)
         body = response.json() if response.status_code == 200 else None
@@ -67,19 +80,40 @@ def _fetch_jwks(url: str) -> dict[str, dict[str, Any]]:
 
 
 def _jwks_key(kid: str, settings: Settings) -> dict[str, Any]:
-    """The JWK for `kid`; an unknown kid refetches, at most once per JWKS_REFETCH_SECONDS."""
+    """The JWK for `kid`; an unknown kid refetches, at most once per JWKS_REFETCH_SECONDS, and
+    is 503 auth_unavailable, not 401, while the JWKS cannot be read."""
     url = settings.jwks_url
     if url is None:
         raise _invalid("no JWKS is configured for asymmetric tokens")
     entry, now = _jwks_cache.get(url), _now()
     if entry is None or now - entry.fetched_at >= JWKS_TTL_SECONDS:
-        refetched_at = entry.refetched_at if entry else float("-inf")
-        entry = _jwks_cache[url] = _Jwks(_fetch_jwks(url), now, refetched_at)
+        entry = _refreshed(url, entry, now, entry.refetched_at if entry else float("-inf"))
     elif kid not in entry.keys and now - entry.refetched_at >= JWKS_REFETCH_SECONDS:
-        entry = _jwks_cache[url] = _Jwks(_fetch_jwks(url), now, now)
+        entry = _refreshed(url, entry, now, now)
     if kid not in entry.keys:
+        if now - entry.failed_at < JWKS_REFETCH_SECONDS:
+            raise _keys_unavailable()  # it may be a new key: the JWKS could not be read to know
         raise _invalid("unknown signing key")
     return entry.keys[kid]
+
+
+def _refreshed(url: str, entry: _Jwks | None, now: float, refetched_at: float) -> _Jwks:
+    """The JWKS fetched now; while it cannot be, the cached keys up to JWKS_STALE_SECONDS old
+    (503 auth_unavailable without any, or after that)."""
+    if entry is not None and now - entry.failed_at < JWKS_REFETCH_SECONDS:
+        fresh = entry  # failed moments ago: not again on every request
+    else:
+        try:
+            fresh = _Jwks(_fetch_jwks(url), now, refetched_at)
+        except Unavailable:
+            if entry is None:
+                raise
+            fresh = dataclasses.replace(entry, refetched_at=now, failed_at=now)
+            log.warning("JWKS not fetched; the cached keys are %.0f s old", now - entry.fetched_at)
+        _jwks_cache[url] = fresh
+    if now - fresh.fetched_at >= JWKS_STALE_SECONDS:
+        raise _keys_unavailable()
+    return fresh
 
 
 def _verification_key(token: str, settings: Settings) -> tuple[Any, str]:

@@ -329,6 +329,39 @@ def test_jwks_down_is_unavailable(reply: Any, settings: Settings, jwks: respx.Ro
     raises(Unavailable, "auth_unavailable", auth.verify_user_token, es256(_user_claims()), settings)
 
 
+def test_jwks_down_after_its_ttl_keeps_the_cached_keys_for_half_an_hour(
+    settings: Settings, jwks: respx.Route, clock: list[float]
+) -> None:
+    auth.verify_user_token(es256(_user_claims()), settings)
+    fetched = clock[0]
+    jwks.side_effect = httpx.ConnectError("down")
+    # Past the TTL the fetch fails: the cached keys go on verifying, and fail-fast for 30 s.
+    clock[0] += 601
+    assert auth.verify_user_token(es256(_user_claims()), settings).user_id == USER_ID
+    assert jwks.call_count == 2
+    clock[0] += 29
+    assert auth.verify_user_token(rs256(_user_claims()), settings).user_id == USER_ID
+    # A key the cache does not know may be a new one: unavailable, not invalid.
+    stranger = es256(_user_claims(), kid="rotated-in")
+    raises(Unavailable, "auth_unavailable", auth.verify_user_token, stranger, settings)
+    assert jwks.call_count == 2
+    # A forged token is still refused with the cached keys.
+    forged = es256(_user_claims(), key=OTHER_EC_KEY, kid="ec-1")
+    raises(Unauthorized, "invalid_token", auth.verify_user_token, forged, settings)
+    clock[0] += 1
+    auth.verify_user_token(es256(_user_claims()), settings)
+    assert jwks.call_count == 3
+    # Half an hour after the last good fetch the cached keys are no longer trusted.
+    clock[0] = fetched + auth.JWKS_STALE_SECONDS
+    raises(Unavailable, "auth_unavailable", auth.verify_user_token, es256(_user_claims()), settings)
+    # Back up: the next try (30 s after the last) fetches again and verifies.
+    jwks.side_effect = None
+    clock[0] += 30
+    assert auth.verify_user_token(es256(_user_claims()), settings).user_id == USER_ID
+    assert jwks.call_count == 5
+    raises(Unauthorized, "invalid_token", auth.verify_user_token, stranger, settings)
+
+
 # --- the Authorization header ----------------------------------------------------------------
 
 
