@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.db import Database
 from shared.errors import Unprocessable
@@ -100,8 +100,10 @@ class CycleQuery(BaseModel):
 
 
 class FlushCommand(BaseModel):
-    """POST report-usage {"action": "flush"}: deliver due pending meter events."""
+    """POST report-usage {"action": "flush"}: deliver due pending meter events. Nothing else: a
+    call's fields beside `action` would be a report taken for a flush and never recorded."""
 
+    model_config = ConfigDict(extra="forbid")
     action: Literal["flush"]
     limit: Annotated[int, Field(ge=1, le=MAX_FLUSH_LIMIT)] = DEFAULT_FLUSH_LIMIT
 

@@ -364,6 +364,22 @@ def test_a_bad_flush_request_is_422(client, body, field):
     assert response.status_code == 422 and response.get_json()["error"]["field"] == field
 
 
+def test_a_report_carrying_action_is_422_and_records_nothing(client, db, subscribed):
+    org = subscribed["org"]
+    body = {"action": "flush", "org_id": org["id"], "call_id": "mixed", "call_duration_seconds": 60}
+    response = client.post("/", json=body, headers=AUTH)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["field"] in {"org_id", "call_id", "call_duration_seconds"}
+    answer = client.post("/", json={**body, "action": None}, headers=AUTH)
+    assert answer.status_code == 422  # `action` makes it a command, whatever its value
+    assert (
+        db.execute("select count(*) as n from usage_records where call_id = 'mixed'").fetchone()[
+            "n"
+        ]
+        == 0
+    )
+
+
 def test_flush_needs_the_service_key(client):
     assert client.post("/", json={"action": "flush"}).status_code == 401
     user = {"Authorization": f"Bearer {user_token(str(uuid.uuid4()))}"}
