@@ -181,6 +181,7 @@ def flush(
                 {
                     "usage_record_id": event["usage_record_id"],
                     "attempt": event["attempt"],
+                    "identifier": event["identifier"],  # a `sent` is for this identifier only
                     "outcome": outcome,
                     "error": error,
                 }

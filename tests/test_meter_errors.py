@@ -21,7 +21,7 @@ import pytest
 import respx
 from stripe.events import V1BillingMeterErrorReportTriggeredEvent
 
-from shared.db import get_database
+from shared.db import PostgresDatabase, get_database
 from shared.meter_errors import process_thin_notification
 from shared.settings import get_settings
 from shared.stripe_api import make_stripe_client
@@ -316,6 +316,77 @@ def test_an_error_report_fails_the_sampled_rows_and_marks_their_cycle(
     stored = stored_event(db, event["id"])
     assert stored["status"] == "processed" and stored["type"] == event["type"]
     assert stored["payload"]["event"]["data"]["reason"]["error_count"] == 4
+
+
+@pytest.fixture
+def stalled_flush(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Runs each callable appended to it just before the flusher saves a batch's outcomes,
+    once: the flusher's thread stalled after Stripe took the batch (Cloud Run throttles a
+    background thread between requests) while the world went on."""
+    meanwhile: list[Any] = []
+    real_call = PostgresDatabase.call
+
+    def call(self: PostgresDatabase, function: str, **params: Any) -> Any:
+        while function == "record_meter_results" and meanwhile:
+            meanwhile.pop(0)()
+        return real_call(self, function, **params)
+
+    monkeypatch.setattr(PostgresDatabase, "call", call)
+    return meanwhile
+
+
+def test_an_error_report_overtaking_the_flushers_outcome_keeps_the_row_failed(
+    webhook, client, fake_stripe, db, customer_org, make_plan, subscribe, stalled_flush
+):
+    org = customer_org()
+    subscribe(org, make_plan())
+    ended = datetime.now(UTC) - timedelta(hours=2)
+    for call_id in ("refused", "taken"):
+        assert report(client, org["id"], call_id, call_duration_minutes=3, ended_at=at(ended))
+    refused = usage_row(db, org["id"], "refused")
+    event = error_report(fake_stripe, [(refused["meter_identifier"], org["stripe_customer_id"])])
+    answers: list[Any] = []
+    stalled_flush.append(lambda: answers.append(deliver_thin(webhook, notification(event))))
+
+    flushed = flush(client)
+
+    assert answers[0].status_code == 200
+    after = usage_row(db, org["id"], "refused")
+    assert after["meter_status"] == "failed" and after["meter_error"].startswith(REJECTED)
+    assert after["meter_rejected_identifier"] == refused["meter_identifier"]
+    assert usage_row(db, org["id"], "taken")["meter_status"] == "sent"
+    assert (flushed["sent"], flushed["failed"]) == (1, 1)
+    # requeue-usage can send it again, under a new identifier, which the next flush delivers.
+    db.execute("select public.requeue_failed_usage(p_organisation_id => %s)", (org["id"],))
+    assert flush(client)["sent"] == 1
+    resent = usage_row(db, org["id"], "refused")
+    assert resent["meter_status"] == "sent"
+    assert resent["meter_identifier"] not in (None, refused["meter_identifier"])
+
+
+def test_a_stale_sent_does_not_mark_a_requeued_rows_new_identifier_sent(
+    webhook, client, fake_stripe, db, customer_org, make_plan, subscribe, stalled_flush
+):
+    org = customer_org()
+    subscribe(org, make_plan())
+    ended = datetime.now(UTC) - timedelta(hours=2)
+    assert report(client, org["id"], "requeued", call_duration_minutes=3, ended_at=at(ended))
+    before = usage_row(db, org["id"], "requeued")
+    event = error_report(fake_stripe, [(before["meter_identifier"], org["stripe_customer_id"])])
+    stalled_flush.append(lambda: deliver_thin(webhook, notification(event)))
+    stalled_flush.append(
+        lambda: db.execute(
+            "select public.requeue_failed_usage(p_organisation_id => %s)", (org["id"],)
+        )
+    )
+
+    flush(client)
+
+    after = usage_row(db, org["id"], "requeued")
+    assert after["meter_status"] == "pending"  # its new identifier was never sent
+    assert after["meter_identifier"] != before["meter_identifier"]
+    assert flush(client)["sent"] == 1
+    assert usage_row(db, org["id"], "requeued")["meter_status"] == "sent"
 
 
 def test_a_duplicate_error_report_changes_nothing(
