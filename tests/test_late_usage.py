@@ -356,3 +356,23 @@ def test_requeue_filters_by_organisation_and_date(
     [row] = requeue(db, p_organisation_id=orgs[0]["id"])["rows"]
     assert row["call_id"] == "refused" and row["organisation_id"] == str(orgs[0]["id"])
     assert usage_row(db, orgs[1]["id"], "refused")["meter_status"] == "failed"
+
+
+def test_a_requeued_call_and_a_call_named_like_its_requeue_are_two_events(
+    client, meter, db, subscribed
+):
+    org = subscribed["org"]
+    refusal = invalid_field("events[0][payload][stripe_customer_id]", "No such customer: 'cus_x'")
+    meter.fail_next(refusal)
+    report(client, org["id"], "X", ended_at=at(NOW))
+    assert flush(client)["failed"] == 1
+    assert requeue(db, p_organisation_id=org["id"])["requeued"] == 1
+    report(client, org["id"], "X:requeue:1", ended_at=at(NOW))
+
+    requeued, lookalike = usage_row(db, org["id"], "X"), usage_row(db, org["id"], "X:requeue:1")
+    assert requeued["meter_identifier"] != lookalike["meter_identifier"]
+    assert lookalike["meter_identifier"] == identifier_for(org["id"], "X:requeue:1")
+    assert requeued["meter_previous_identifier"] == identifier_for(org["id"], "X")
+    assert flush(client)["sent"] == 2
+    assert {requeued["meter_identifier"], lookalike["meter_identifier"]} <= meter.events.keys()
+    assert usage_row(db, org["id"], "X")["meter_status"] == "sent"
