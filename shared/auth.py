@@ -162,7 +162,8 @@ def _claims(token: str, settings: Settings, *, audience: str | None) -> dict[str
     except JWTClaimsError as exc:
         raise _invalid("wrong audience or claims") from exc
     except JOSEError as exc:
-        raise _invalid("bad signature or malformed") from exc
+        # jose's plain JWTError also means a required claim is missing (checked after the signature)
+        raise _invalid("bad signature, malformed, or a required claim (exp, aud) missing") from exc
     return claims
 
 

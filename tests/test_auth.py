@@ -217,6 +217,12 @@ def test_bad_claims_are_invalid(
     raises(Unauthorized, "invalid_token", auth.verify_user_token, hs256(claims), settings)
 
 
+def test_a_missing_audience_is_named_in_the_message(settings: Settings, jwks: respx.Route) -> None:
+    token = hs256(_user_claims(aud=None))
+    error = raises(Unauthorized, "invalid_token", auth.verify_user_token, token, settings)
+    assert "aud" in error.message
+
+
 def test_wrong_hs256_secret_is_invalid(settings: Settings, jwks: respx.Route) -> None:
     token = hs256(_user_claims(), secret="another-secret-of-decent-length-123456")
     raises(Unauthorized, "invalid_token", auth.verify_user_token, token, settings)
