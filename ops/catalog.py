@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETUP_FEE_KEY = "mb_setup_fee"
 AMOUNTS = ("included_minutes", "monthly_price_cents", "overage_rate_cents")
 OPTIONAL_AMOUNTS = ("yearly_price_cents", "sort_order")
+# Held in int4 columns (prices are 64-bit, as Stripe's amounts are).
+INT4_FIELDS = ("included_minutes", "overage_rate_cents", "sort_order")
 
 
 def load_plans(path: Path) -> dict[str, Any]:
@@ -71,6 +73,9 @@ def catalog_problem(catalog: dict[str, Any]) -> str | None:
         for field in (*AMOUNTS, *OPTIONAL_AMOUNTS):
             if field in plan and not _whole(plan[field]):
                 return f"{label}: {field} must be a whole number >= 0, not {plan[field]!r}"
+        for field in INT4_FIELDS:
+            if plan.get(field, 0) > 2**31 - 1:
+                return f"{label}: {field} must be at most 2147483647, not {plan[field]}"
     for field in ("key", "name"):
         values = [plan[field] for plan in plans]
         repeated = sorted({value for value in values if values.count(value) > 1})

@@ -251,6 +251,7 @@ def test_catalog_dry_run_reads_the_plans_file_it_is_given(tmp_path):
         (OTHER_PLANS.replace("monthly_price_cents = 4900", ""), "has no monthly_price_cents"),
         (OTHER_PLANS.replace("= 4900", "= -1"), "monthly_price_cents must be a whole number"),
         (OTHER_PLANS.replace("= 4900", "= 49.5"), "monthly_price_cents must be a whole number"),
+        (OTHER_PLANS.replace("= 60", "= 2147483648"), "overage_rate_cents must be at most"),
         (OTHER_PLANS.replace('"studio"', '"solo"'), "two plans have the key 'solo'"),
         (OTHER_PLANS.replace('"eur"', '"EUR"'), "currency must be"),
         (OTHER_PLANS.split("[[plans]]")[0], "no [[plans]] tables"),

@@ -185,6 +185,23 @@ def test_each_invoice_event_stores_the_invoice_as_stripe_has_it(
     assert len(stripe_api.invoice_retrieves) == 1
 
 
+def test_an_invoice_past_two_to_the_31_minor_units_is_stored(db, webhook, stripe_api, buyer):
+    """Stripe's amounts are 64-bit; in IDR (hundredths, docs.stripe.com/currencies) 2^31 minor
+    units is about USD 1,300, an ordinary invoice for a busy customer."""
+    renewed(buyer, stripe_api, webhook)
+    invoice = stripe_invoice(buyer, status="open", total=3_000_000_000)
+    invoice["currency"] = "idr"
+    stripe_api.invoices[invoice["id"]] = invoice
+    event = event_object("invoice.finalized", invoice)
+
+    response = deliver(webhook, event)
+
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["status"] == "processed"
+    assert stored_fields(db, invoice["id"]) == as_stored(invoice)
+    assert invoice_row(db, invoice["id"])["amount_due"] == 3_000_000_000
+
+
 def test_a_later_event_updates_the_row(db, webhook, stripe_api, buyer):
     renewed(buyer, stripe_api, webhook)
     invoice = stripe_invoice(buyer, status="open")

@@ -725,6 +725,59 @@ def test_no_included_minutes_means_no_alerts(client, meter, customer_org, make_p
     assert body["alerts"] == [] and body["overage_cost_cents"] == 36
 
 
+# Money is minor units of the plan's currency, and in some currencies 2^31 of them is not much:
+# Stripe counts IDR in hundredths (docs.stripe.com/currencies), so 2^31 - 1 is IDR 21.5 million,
+# about USD 1,300. At IDR 15,000 a minute, one day-long call is more than that.
+IDR_RATE = 1_500_000
+DAY_CALL_COST = 1440 * IDR_RATE  # 2,160,000,000
+
+
+@pytest.mark.parametrize("cycle", [True, False], ids=["in-its-cycle", "opening-its-cycle"])
+def test_overage_past_two_to_the_31_minor_units_is_recorded(
+    client, meter, db, customer_org, make_plan, subscribe, cycle
+):
+    org = customer_org()
+    plan = make_plan(
+        currency="idr",
+        included_minutes=0,
+        overage_rate_cents=IDR_RATE,
+        monthly_price_cents=2_500_000_000,  # IDR 25 million
+        yearly_price_cents=27_000_000_000,
+    )
+    sub = subscribe(org, plan, cycle=cycle)
+
+    first = report(client, org["id"], "day-long", call_duration_seconds=86400)
+
+    assert first.status_code == 202, first.get_json()
+    assert DAY_CALL_COST > 2**31 - 1
+    assert first.get_json()["overage_cost_cents"] == DAY_CALL_COST
+    assert cycles_of(db, sub["id"])[0]["overage_cost_cents"] == DAY_CALL_COST
+    assert usage_row(db, org["id"], "day-long")["cycle_overage_cost_cents"] == DAY_CALL_COST
+    repeat = report(client, org["id"], "day-long", call_duration_seconds=86400)
+    assert repeat.status_code == 200
+    assert repeat.get_json() == {**first.get_json(), "duplicate": True}
+    second = report(client, org["id"], "next", call_duration_seconds=60)
+    assert second.get_json()["overage_cost_cents"] == DAY_CALL_COST + IDR_RATE
+    assert flush(client)["sent"] == 2
+    assert meter.events[identifier_for(org["id"], "day-long")]["payload[value]"] == "1440"
+
+
+def test_refiguring_a_cycle_past_two_to_the_31_minor_units(db, customer_org, make_plan, subscribe):
+    """A plan change refigures the cycle it keeps (sql/0050's refigure_cycle)."""
+    org = customer_org()
+    plan = make_plan(currency="idr", included_minutes=0, overage_rate_cents=IDR_RATE)
+    sub = subscribe(org, plan)
+    db.execute(
+        "update billing_cycles set minutes_used = 1440 where subscription_id = %s", (sub["id"],)
+    )
+    db.execute(
+        "select private.refigure_cycle(id) from billing_cycles where subscription_id = %s",
+        (sub["id"],),
+    )
+    [refigured] = cycles_of(db, sub["id"])
+    assert (refigured["overage_minutes"], refigured["overage_cost_cents"]) == (1440, DAY_CALL_COST)
+
+
 def metered_period(db: Any, sub_id: Any, moment: str) -> tuple[datetime, datetime]:
     """The monthly metered period report-usage opens for a call ending at `moment`.
 
