@@ -43,6 +43,20 @@ class UsageReport(BaseModel):
     call_duration_minutes: Minutes | None = None
     ended_at: datetime | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_misspelt_fields(cls, body: Any) -> Any:
+        """Other properties are ignored (an agent may send its own), but not one of ours spelt
+        another way: a dropped `endedAt` would bill the call as ended now, maybe in another
+        period, with a 202."""
+        for key in body if isinstance(body, dict) else ():
+            field = _OUR_FIELDS.get(_spelling(key))
+            if field and key != field:
+                raise Unprocessable(
+                    f"{key}: not a field of a report; did you mean {field}?", field=key
+                )
+        return body
+
     @field_validator("call_id")
     @classmethod
     def _storable(cls, value: str) -> str:
@@ -91,6 +105,14 @@ class UsageReport(BaseModel):
             return Decimal(repr(self.call_duration_seconds))
         assert self.call_duration_minutes is not None
         return Decimal(repr(self.call_duration_minutes)) * 60
+
+
+def _spelling(key: Any) -> str:
+    """A field name without its case and separators: endedAt, Ended-At and ended_at alike."""
+    return "".join(c for c in str(key).lower() if c.isalnum())
+
+
+_OUR_FIELDS = {_spelling(name): name for name in UsageReport.model_fields}
 
 
 class CycleQuery(BaseModel):

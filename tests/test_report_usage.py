@@ -1120,6 +1120,37 @@ def test_bad_bodies_are_422_naming_the_field(client, change, field):
     assert error["code"] == "validation_error" and error["field"] == field
 
 
+@pytest.mark.parametrize(
+    "key", ["endedAt", "EndedAt", "ended-at", "endedat", "callDurationSeconds"]
+)
+def test_one_of_our_fields_spelt_another_way_is_422_and_records_nothing(
+    client, db, subscribed, key
+):
+    """Ignored, `endedAt` would bill a call of last month as ended now, in this period."""
+    org = subscribed["org"]
+    ended = (NOW - timedelta(days=40)).isoformat()
+    body = {
+        "org_id": str(org["id"]),
+        "call_id": "misspelt",
+        "call_duration_seconds": 61,
+        key: ended,
+    }
+    response = client.post("/", json=body, headers=AUTH)
+    assert response.status_code == 422, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error" and error["field"] == key
+    assert "did you mean" in error["message"]
+    assert_documented("/report-usage", "POST", 422, response.get_json())
+    assert usage_row(db, org["id"], "misspelt") is None
+
+
+def test_fields_of_the_agents_own_are_ignored(client, db, subscribed):
+    org = subscribed["org"]
+    response = report(client, org["id"], "own-fields", agent_id="a-7", transcript={"words": 12})
+    assert response.status_code == 202
+    assert usage_row(db, org["id"], "own-fields")["billed_minutes"] == 2
+
+
 @pytest.mark.parametrize("raw", ["[]", '"text"', "null", "42"])
 def test_a_body_that_is_not_an_object_is_422(client, raw):
     response = client.post("/", data=raw, content_type="application/json", headers=AUTH)
