@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from shared.auth import Caller
 from shared.db import Database
-from shared.errors import PaymentRequired, Unprocessable
+from shared.errors import Conflict, PaymentRequired, Unprocessable
 from shared.meter_flush import MeterStream, flush
 from shared.stripe_api import stripe_errors
 from shared.stripe_lib import stripe
@@ -141,9 +141,13 @@ def upgrade(
             options={"idempotency_key": f"plan-change-{key}"},
         )
     if updated.to_dict().get("pending_update"):
+        # The released schedule is not put back: Stripe still applies this update if its
+        # invoice is paid before the update expires, and the schedule's phases would then be
+        # wrong. The customer is told instead, and may schedule the downgrade again.
+        dropped = " The change scheduled for the period end was canceled." if schedule else ""
         raise PaymentRequired(
             "The payment for the upgrade was declined; the subscription stays on its plan."
-            " Update the payment method (Manage billing) and try again.",
+            f"{dropped} Update the payment method (Manage billing) and try again.",
         )
     # Applied at Stripe: recorded so before our copy is updated, so that a failure applying it
     # (the webhook applies it then) never leaves the claim saying the change failed.
@@ -195,7 +199,12 @@ def schedule_downgrade(
                 "phases": [
                     {
                         "items": current,
-                        "start_date": int(schedule.phases[0].start_date),
+                        # The current phase (Stripe refuses to move its start), not the first:
+                        # after an earlier downgrade took effect the schedule stays attached for
+                        # its last phase, and the phases before it are past (left out).
+                        "start_date": int(
+                            (schedule.current_phase or schedule.phases[0]).start_date
+                        ),
                         "end_date": effective_at,
                     },
                     {"items": following, "duration": {"interval": interval, "interval_count": 1}},
@@ -220,6 +229,15 @@ def release_pending(
     """Release the schedule carrying the pending change: the subscription stays as it is."""
     subscription = claim["subscription"]
     fetched = current_subscription(claim, database=database, stripe_client=stripe_client)
+    flat, _ = items_of(fetched.subscription)
+    if stripe_id(flat.get("price")) != claim["target"]["flat_price_id"]:
+        # Stripe is on another plan already: the change took effect at the period end (or was
+        # made in the Dashboard) and its webhook is not here yet. Our copy follows now.
+        apply_state(fetched, database=database, actor=ACTOR)
+        raise Conflict(
+            "No plan change is pending any more: it has already taken effect. Reload the page.",
+            code="nothing_pending",
+        )
     schedule = stripe_id(fetched.subscription.get("schedule")) or subscription["stripe_schedule_id"]
     if schedule:
         release(stripe_client, schedule, claim["change_id"])

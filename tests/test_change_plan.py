@@ -318,6 +318,10 @@ class StripeBilling:
             if schedule["status"] not in ("not_started", "active"):
                 message = f"You cannot update a subscription schedule that is {schedule['status']}"
                 return stripe_error(400, "invalid_request_error", message)
+            start = call.form.get("phases[0][start_date]")
+            if start is not None and int(start) != schedule["current_phase"]["start_date"]:
+                message = "You can not modify the start date of the current phase."
+                return stripe_error(400, "invalid_request_error", message)
             schedule["end_behavior"] = call.form.get("end_behavior", schedule["end_behavior"])
             return self._remember(call, copy.deepcopy(schedule))
 
@@ -1326,6 +1330,31 @@ def test_an_upgrade_before_the_renewal_webhook_still_bills_the_earlier_usage_at_
 # ---------------------------------------------------------------------------- 4. declined
 
 
+def test_a_declined_upgrade_says_it_canceled_the_pending_downgrade(
+    client: Any, webhook: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any
+) -> None:
+    """The upgrade replaces a pending downgrade, so its schedule is released before the update;
+    when the update is declined the customer is told the downgrade is gone too."""
+    subscribed = subscribe(plans["starter"])
+    assert post(client, choice(plans["lite"]), user=subscribed.owner).status_code == 200
+    schedule_id = stripe.subscriptions[subscribed.sub_id]["schedule"]
+    stripe.decline_updates = 1
+
+    declined = post(client, choice(plans["pro"]), user=subscribed.owner)
+
+    assert (declined.status_code, error_code(declined)) == (402, "payment_failed")
+    message = declined.get_json()["error"]["message"]
+    assert "stays on its plan" in message
+    assert "The change scheduled for the period end was canceled." in message
+    assert stripe.schedules[schedule_id]["status"] == "released"
+    released = event_object(
+        "customer.subscription.updated", stripe.subscriptions[subscribed.sub_id]
+    )
+    assert deliver(webhook, released).status_code == 200
+    row = subscription_row(db, subscribed.sub_id)
+    assert (row["plan_id"], row["pending_plan_id"]) == (plans["starter"]["id"], None)
+
+
 def test_a_declined_upgrade_is_402_changes_nothing_and_can_be_retried(
     client: Any,
     webhook: Any,
@@ -1344,6 +1373,7 @@ def test_a_declined_upgrade_is_402_changes_nothing_and_can_be_retried(
     declined = post(client, choice(pro), user=subscribed.owner)
 
     assert (declined.status_code, error_code(declined)) == (402, "payment_failed")
+    assert "canceled" not in declined.get_json()["error"]["message"]
     assert declined.headers["Access-Control-Allow-Origin"] == WEBSITE_URL
     row = subscription_row(db, subscribed.sub_id)
     for column in (
@@ -1561,6 +1591,71 @@ def test_a_new_downgrade_replaces_the_pending_one_on_the_same_schedule(
     assert stripe.calls[-1].form["phases[1][items][0][price]"] == plans["mini"]["stripe_price_id"]
     row = subscription_row(db, subscribed.sub_id)
     assert (row["pending_plan_id"], row["stripe_schedule_id"]) == (plans["mini"]["id"], schedule_id)
+
+
+def test_a_downgrade_after_the_last_one_took_effect_starts_at_the_current_phase(
+    client: Any, webhook: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any
+) -> None:
+    """Starter -> Lite took effect at B; the schedule stays attached for its last phase (a month
+    of Lite). Lite -> Mini then updates that schedule from its current phase: sending the first,
+    finished phase's start was refused by Stripe for the whole month (502 on every retry)."""
+    starter, lite, mini = plans["starter"], plans["lite"], plans["mini"]
+    t = renewal_times(db)
+    subscribed = subscribe(starter, metered_period=(t["prev"], t["b"]))
+    assert post(client, choice(lite), user=subscribed.owner).status_code == 200
+    schedule_id = stripe.subscriptions[subscribed.sub_id]["schedule"]
+
+    # The renewal at B: Stripe enters the schedule's next phase and puts Lite's prices on.
+    sub = stripe.subscriptions[subscribed.sub_id]
+    sub["items"]["data"] = [
+        stripe.item(subscribed.sub_id, lite["stripe_price_id"], (t["b"], t["next"])),
+        stripe.item(subscribed.sub_id, lite["stripe_metered_price_id"], (t["b"], t["next"])),
+    ]
+    stripe.schedules[schedule_id]["current_phase"] = {"start_date": t["b"], "end_date": t["next"]}
+    renewed = deliver(webhook, event_object("customer.subscription.updated", sub, created=t["b"]))
+    assert renewed.status_code == 200, renewed.get_json()
+    assert subscription_row(db, subscribed.sub_id)["plan_id"] == lite["id"]
+    stripe.calls.clear()
+
+    response = post(client, choice(mini), user=subscribed.owner)
+
+    assert response.status_code == 200, response.get_json()
+    assert datetime.fromisoformat(response.get_json()["effective_at"]) == ts(t["next"])
+    update = stripe.calls[-1]
+    assert update.path == f"/v1/subscription_schedules/{schedule_id}"
+    assert update.form == phases_form(
+        [(lite["stripe_price_id"], 1), (lite["stripe_metered_price_id"], None)],
+        t["b"],
+        t["next"],
+        [(mini["stripe_price_id"], 1), (mini["stripe_metered_price_id"], None)],
+        "month",
+    )
+    row = subscription_row(db, subscribed.sub_id)
+    assert (row["pending_plan_id"], row["stripe_schedule_id"]) == (mini["id"], schedule_id)
+
+
+def test_cancel_pending_after_stripe_applied_it_is_409_and_our_copy_follows(
+    client: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any
+) -> None:
+    """The period ended and Stripe entered the schedule's next phase, its webhook not here yet:
+    "you stay on Starter" would be false (the subscription is on Lite)."""
+    starter, lite = plans["starter"], plans["lite"]
+    subscribed = subscribe(starter)
+    assert post(client, choice(lite), user=subscribed.owner).status_code == 200
+    schedule_id = stripe.subscriptions[subscribed.sub_id]["schedule"]
+    stripe.swap_price(subscribed.sub_id, starter["stripe_price_id"], lite["stripe_price_id"])
+    stripe.swap_price(
+        subscribed.sub_id, starter["stripe_metered_price_id"], lite["stripe_metered_price_id"]
+    )
+
+    response = post(client, {"cancel_pending": True}, user=subscribed.owner)
+
+    assert (response.status_code, error_code(response)) == (409, "nothing_pending")
+    assert "already taken effect" in response.get_json()["error"]["message"]
+    assert stripe.schedules[schedule_id]["status"] == "active"  # nothing released
+    row = subscription_row(db, subscribed.sub_id)
+    assert (row["plan_id"], row["pending_plan_id"]) == (lite["id"], None)
+    assert plan_changes(db, subscribed.org_id)[-1]["status"] == "failed"
 
 
 def test_choosing_the_current_plan_while_a_downgrade_is_pending_cancels_it(
