@@ -170,6 +170,14 @@ def schedule_downgrade(
     target, key = claim["target"], claim["change_id"]
     fetched = current_subscription(claim, database=database, stripe_client=stripe_client)
     subscription = fetched.subscription
+    if subscription.get("cancel_at_period_end") or subscription.get("cancel_at"):
+        # A schedule would take the cancellation's place (end_behavior release): the customer
+        # who canceled would be billed after the end they chose.
+        raise Conflict(
+            "The subscription is set to end; a plan change would start after it. Renew it"
+            " (Manage billing) first.",
+            code="subscription_ending",
+        )
     flat, metered = items_of(subscription)
     effective_at = int(flat["current_period_end"])
     with stripe_errors():

@@ -1658,6 +1658,28 @@ def test_cancel_pending_after_stripe_applied_it_is_409_and_our_copy_follows(
     assert plan_changes(db, subscribed.org_id)[-1]["status"] == "failed"
 
 
+@pytest.mark.parametrize("ending", [{"cancel_at_period_end": True}, {"cancel_at": "period_end"}])
+def test_a_downgrade_of_a_subscription_set_to_end_is_409_and_schedules_nothing(
+    client: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any, ending: Any
+) -> None:
+    """A schedule's end_behavior would replace the cancellation the customer chose."""
+    subscribed = subscribe(plans["starter"])
+    sub = stripe.subscriptions[subscribed.sub_id]
+    sub.update(
+        cancel_at_period_end=ending.get("cancel_at_period_end", False),
+        cancel_at=subscribed.metered_period[1] if "cancel_at" in ending else None,
+    )
+
+    response = post(client, choice(plans["lite"]), user=subscribed.owner)
+
+    assert (response.status_code, error_code(response)) == (409, "subscription_ending")
+    assert ("POST", "/v1/subscription_schedules") not in stripe.requests()
+    assert sub["schedule"] is None
+    row = subscription_row(db, subscribed.sub_id)
+    assert (row["plan_id"], row["pending_plan_id"]) == (plans["starter"]["id"], None)
+    assert plan_changes(db, subscribed.org_id)[-1]["status"] == "failed"
+
+
 def test_choosing_the_current_plan_while_a_downgrade_is_pending_cancels_it(
     client: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any
 ) -> None:
