@@ -223,10 +223,22 @@ def on_subscription_event(subscription: dict[str, Any], context: EventContext) -
     if subscription_id is None:
         return _ignore(context, "the event's subscription has no id")
     # The event of a change of the items' prices says when it happened (a cycle is split there:
-    # sql/0050); any other event says nothing about it.
-    changed = "items" in context.previous_attributes
+    # sql/0050); any other event says nothing about it, an edit of the items that kept their
+    # prices (metadata, tax rates) included: taken for a change, it moved a settled split.
+    before = item_prices(context.previous_attributes.get("items"))
+    changed = "items" in context.previous_attributes and (
+        before is None or before != item_prices(subscription.get("items"))
+    )
     changed_at = datetime.fromtimestamp(context.created, UTC) if changed else None
     return _sync(context, subscription_id, changed_at=changed_at)
+
+
+def item_prices(items: Any) -> set[str | None] | None:
+    """The price ids of a subscription's item list; None when it holds no list to read."""
+    data = items.get("data") if isinstance(items, dict) else None
+    if not isinstance(data, list):
+        return None
+    return {stripe_id(item.get("price")) for item in data if isinstance(item, dict)}
 
 
 def _record_invoice(context: EventContext, fetched: FetchedInvoice) -> str:

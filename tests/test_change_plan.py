@@ -1861,6 +1861,43 @@ def proration_invoice(
     return invoice
 
 
+def test_an_item_edit_that_keeps_the_prices_leaves_the_split_where_it_is(
+    webhook: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any
+) -> None:
+    """A Dashboard change Starter -> Pro split the cycle; an edit of the items two hours later
+    (metadata: Stripe's event lists the items in previous_attributes, their prices unchanged) is
+    no price change: taken for one, it moved the split and put Pro's 100 minutes under Starter."""
+    starter, pro = plans["starter"], plans["pro"]
+    subscribed = subscribe(starter)
+    changed = int(time.time()) - 6 * 3600
+    record_call(db, subscribed.org_id, 450, ts(changed - 3600))
+    record_call(db, subscribed.org_id, 100, ts(changed + 3600))
+    sub = stripe.subscriptions[subscribed.sub_id]
+    old_items = copy.deepcopy(sub["items"])
+    stripe.swap_price(subscribed.sub_id, starter["stripe_price_id"], pro["stripe_price_id"])
+    stripe.swap_price(
+        subscribed.sub_id, starter["stripe_metered_price_id"], pro["stripe_metered_price_id"]
+    )
+    change = event_object("customer.subscription.updated", sub, created=changed)
+    change["data"]["previous_attributes"] = {"items": old_items}
+    assert deliver(webhook, change).status_code == 200
+    split = cycles(db, subscribed.sub_id)
+    assert [c["minutes_used"] for c in split] == [450, 100]
+
+    before_edit = copy.deepcopy(sub["items"])
+    for item in sub["items"]["data"]:
+        item["metadata"] = {"note": "edited"}
+    edit = event_object("customer.subscription.updated", sub, created=changed + 2 * 3600)
+    edit["data"]["previous_attributes"] = {"items": before_edit}
+
+    assert deliver(webhook, edit).status_code == 200
+    after = cycles(db, subscribed.sub_id)
+    assert [(c["period_start"], c["period_end"], c["minutes_used"]) for c in after] == [
+        (c["period_start"], c["period_end"], c["minutes_used"]) for c in split
+    ]
+    assert after[1]["period_start"] == ts(changed)
+
+
 @pytest.mark.parametrize(
     "first",
     [

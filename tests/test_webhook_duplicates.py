@@ -20,9 +20,13 @@ from tests.test_webhook_support import (
     cycle_rows,
     deliver,
     deliver_together,
+    event_object,
     event_row,
+    item_object,
+    month,
     new_id,
     subscribed,
+    subscription_object,
     subscription_row,
 )
 
@@ -271,6 +275,31 @@ def test_buying_again_after_a_canceled_subscription_cancels_nothing(db, webhook,
     assert stripe_api.cancels == []
     assert live_subscriptions(db, buyer.org["id"]) == [again.sub_id]
     assert duplicate_audits(db, buyer.org["id"]) == []
+
+
+def test_a_subscription_to_another_product_of_the_account_is_nobodys_duplicate(
+    db, webhook, stripe_api, buyer
+):
+    """The account also sells a support add-on (made in the Dashboard) to the same customer: its
+    subscription has no price of ours. It was named the newer duplicate and canceled at Stripe."""
+    subscribed(buyer, stripe_api, webhook)
+    other = new_id("sub")
+    addon = subscription_object(other, buyer.customer_id, buyer.plan, created=T0 + 3600)
+    addon["items"]["data"] = [item_object(other, "price_support_addon", month(0))]
+    stripe_api.subscriptions[other] = addon
+    event = event_object("customer.subscription.created", addon)
+
+    response = deliver(webhook, event)
+
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error"]["code"] == "unknown_price"
+    assert stripe_api.cancels == []
+    assert subscription_row(db, other) is None
+    assert live_subscriptions(db, buyer.org["id"]) == [buyer.sub_id]
+    assert duplicate_audits(db, buyer.org["id"]) == []
+    assert event_row(db, event["id"])["status"] == "failed"
+    # Not left failed in the session's database: every later `repair failed-events` would retry it.
+    db.execute("update stripe_events set status = 'ignored' where id = %s", (event["id"],))
 
 
 def test_the_repair_resync_settles_a_duplicate_the_same_way(db, webhook, stripe_api, buyer, capsys):
