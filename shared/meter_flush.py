@@ -29,7 +29,7 @@ from typing import Any
 from shared.db import Database
 from shared.meter_events import Outcome, failure_outcome
 from shared.settings import Settings
-from shared.stripe_api import describe
+from shared.stripe_api import describe, kind_of
 from shared.stripe_lib import stripe
 from shared.usage import BATCH
 
@@ -96,9 +96,8 @@ class MeterStream:
             try:
                 token = self._session_token(renew=renew)
             except stripe.StripeError as error:  # nothing of these was sent
-                reason = f"no meter event session: {describe(error)}"
-                log.warning("%s", reason)
-                sent.set(left, "retry", reason)
+                log.warning("no meter event session: %s", describe(error))
+                sent.set(left, "retry", f"no meter event session: {kind_of(error)}")
                 break
             body = {"events": [self._stream_event(events[i]) for i in left]}
             sent.requests += 1
@@ -106,7 +105,8 @@ class MeterStream:
                 self._post(body, token)
             except (stripe.TemporarySessionExpiredError, stripe.AuthenticationError) as error:
                 if renew:
-                    sent.set(left, "retry", describe(error))
+                    log.warning("meter event session refused twice: %s", describe(error))
+                    sent.set(left, "retry", kind_of(error))
                     break
                 renew = True  # once more under a new session
                 continue
@@ -117,7 +117,13 @@ class MeterStream:
                 if named is None:
                     outcome = failure_outcome(error)
                     # Refused whole without naming an event: kept for a retry, never dropped.
-                    sent.set(left, "retry" if outcome == "failed" else outcome, reason)
+                    # The rows (members read them) get the kind of error, not Stripe's message,
+                    # which may name another organisation's customer or event of the batch.
+                    sent.set(
+                        left,
+                        "retry" if outcome == "failed" else outcome,
+                        f"{kind_of(error)}: the whole batch was refused (message in the log)",
+                    )
                     break
                 sent.set([left.pop(named)], "failed", reason)
                 continue

@@ -73,7 +73,9 @@ class Settings(BaseModel):
         """Stop start-up with a message naming the first missing or placeholder variable."""
         for name in names:
             value = getattr(self, name)
-            if value is None or (isinstance(value, str) and is_placeholder(value)):
+            # The webhook secret may be a list (rotation): each secret of it is checked.
+            parts = value.split(",") if name == "STRIPE_WEBHOOK_SECRET" and value else [value]
+            if value is None or any(isinstance(p, str) and is_placeholder(p) for p in parts):
                 state = "is not set" if value is None else "is a placeholder"
                 raise ConfigError(f"{name} {state}; set it in the environment before starting.")
         return self

@@ -57,9 +57,15 @@ def describe(error: stripe.StripeError) -> str:
 
     It ends up in `usage_records.meter_error` and `stripe_events.error`, which members may read.
     """
-    status = error.http_status or "no response"
     message = _KEYS.sub("[key]", str(error.user_message or error))
-    return f"{type(error).__name__} ({status}, {error.code or '-'}): {message}"[:500]
+    return f"{kind_of(error)}: {message}"[:500]
+
+
+def kind_of(error: stripe.StripeError) -> str:
+    """`describe` without Stripe's message: for a row of one organisation when the error was
+    about a request that carried other organisations' events too (its message may name them)."""
+    status = error.http_status or "no response"
+    return f"{type(error).__name__} ({status}, {error.code or '-'})"
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -22,7 +23,7 @@ from shared import meter_flush
 from shared.db import get_database
 from shared.settings import get_settings
 from shared.stripe_api import make_stripe_client
-from tests.conftest import function_client
+from tests.conftest import acting_as, function_client
 from tests.test_report_usage import (  # noqa: F401
     client,
     customer_org,
@@ -307,6 +308,63 @@ def test_a_refusal_naming_one_event_fails_it_and_the_others_go_at_once(
     make_due(db, org["id"])
     assert flush(client) == {"sent": 0, "pending": 0, "failed": 0, "requests": 0}
     assert usage_row(db, org["id"], by_identifier[named])["meter_status"] == "failed"
+
+
+def test_a_batch_refused_whole_tells_each_organisation_only_the_kind_of_error(
+    client, meter, db, customer_org, make_plan, subscribe, make_user
+):
+    """A batch carries several organisations' events; Stripe's message for the whole request may
+    name one of them (here B's customer). Members read their rows' meter_error (RLS), so the
+    rows get the kind of error and the log gets the message."""
+    plan = make_plan()
+    org_a, org_b = customer_org(), customer_org()
+    subscribe(org_a, plan)
+    subscribe(org_b, plan)
+    member_a = make_user()
+    db.execute(
+        "insert into organisation_members (organisation_id, user_id, role)"
+        " values (%s, %s, 'member')",
+        (org_a["id"], member_a),
+    )
+    report(client, org_a["id"], "call-a")
+    report(client, org_b["id"], "call-b")
+    both_due(db, org_a["id"], org_b["id"])
+    secret = f"No such customer: '{org_b['stripe_customer_id']}'"
+    meter.fail_next(
+        httpx.Response(
+            400,
+            json={
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "resource_missing",
+                    "message": secret,
+                }
+            },
+        )
+    )
+
+    assert flush(client)["sent"] == 0
+
+    with acting_as(db, "authenticated", member_a) as cur:
+        seen = cur.execute(
+            "select meter_status, meter_error from public.usage_records where organisation_id = %s",
+            (org_a["id"],),
+        ).fetchall()
+    assert [row[0] for row in seen] == ["pending"]  # kept for a retry
+    assert seen[0][1].startswith("InvalidRequestError (400, resource_missing)")
+    assert org_b["stripe_customer_id"] not in seen[0][1]
+    assert len(meter.stream[0].identifiers) == 2  # one request carried both organisations
+    both_due(db, org_a["id"], org_b["id"])
+    assert flush(client)["sent"] == 2  # nothing lost
+
+
+def both_due(db: Any, org_a: Any, org_b: Any) -> None:
+    make_due(db, org_a)  # parks every other organisation's events
+    db.execute(
+        "update usage_records set meter_next_attempt_at = now()"
+        " where organisation_id = %s and meter_status = 'pending'",
+        (org_b,),
+    )
 
 
 def test_stripe_validates_streamed_events_afterwards(client, meter, db, subscribed):

@@ -23,11 +23,19 @@ def test_missing_or_placeholder_secret_names_the_variable(value):
         settings.require("STRIPE_SECRET_KEY")
 
 
+@pytest.mark.parametrize("value", ["whsec_9f8a1b2c,whsec_xxx", "whsec_9f8a1b2c, changeme"])
+def test_a_placeholder_among_rotated_webhook_secrets_is_refused(value):
+    """An event signed with `whsec_xxx` would otherwise verify."""
+    settings = Settings(STRIPE_WEBHOOK_SECRET=value)
+    with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_SECRET is a placeholder"):
+        settings.require("STRIPE_WEBHOOK_SECRET")
+
+
 def test_real_values_pass_and_secrets_stay_out_of_repr():
     settings = Settings(
         STRIPE_SECRET_KEY="sk_test_51Habc", STRIPE_WEBHOOK_SECRET="whsec_1, whsec_2"
     )
-    assert settings.require("STRIPE_SECRET_KEY") is settings
+    assert settings.require("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET") is settings
     assert settings.webhook_secrets == ["whsec_1", "whsec_2"]
     assert "sk_test_51Habc" not in repr(settings)
 
