@@ -237,11 +237,11 @@ def release_pending(
     """Release the schedule carrying the pending change: the subscription stays as it is."""
     subscription = claim["subscription"]
     fetched = current_subscription(claim, database=database, stripe_client=stripe_client)
-    flat, _ = items_of(fetched.subscription)
-    if stripe_id(flat.get("price")) != claim["target"]["flat_price_id"]:
-        # Stripe is on another plan already: the change took effect at the period end (or was
-        # made in the Dashboard) and its webhook is not here yet. Our copy follows now.
-        apply_state(fetched, database=database, actor=ACTOR)
+    # Our copy follows Stripe first: the change may have taken effect at the period end with its
+    # webhook not here yet (the plan is read from the prices, whichever catalogue version).
+    applied = apply_state(fetched, database=database, actor=ACTOR)
+    pending = (subscription["pending_plan_id"], subscription["pending_billing_period"])
+    if (str(applied.get("plan_id")), applied.get("billing_period")) == pending:
         raise Conflict(
             "No plan change is pending any more: it has already taken effect. Reload the page.",
             code="nothing_pending",

@@ -1680,6 +1680,27 @@ def test_a_downgrade_of_a_subscription_set_to_end_is_409_and_schedules_nothing(
     assert plan_changes(db, subscribed.org_id)[-1]["status"] == "failed"
 
 
+def test_cancel_pending_on_an_older_price_of_the_plan_keeps_the_plan(
+    client: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any
+) -> None:
+    """The catalogue gave Starter a new flat price after this customer subscribed (they keep
+    theirs): their subscription's price is not the plan's current one, and that is no change."""
+    starter, lite = plans["starter"], plans["lite"]
+    subscribed = subscribe(starter)
+    assert post(client, choice(lite), user=subscribed.owner).status_code == 200
+    schedule_id = stripe.subscriptions[subscribed.sub_id]["schedule"]
+    db.execute(
+        "update billing_plans set stripe_price_id = %s where id = %s",
+        (new_id("price_flat_m_v2"), starter["id"]),
+    )
+
+    response = post(client, {"cancel_pending": True}, user=subscribed.owner)
+
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["plan_id"] == str(starter["id"])
+    assert stripe.schedules[schedule_id]["status"] == "released"
+
+
 def test_choosing_the_current_plan_while_a_downgrade_is_pending_cancels_it(
     client: Any, stripe: StripeBilling, plans: dict[str, Any], subscribe: Any, db: Any
 ) -> None:
